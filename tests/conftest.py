@@ -17,6 +17,13 @@ SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "openpack-sample"
 ORIGIN = dt.datetime(2024, 1, 15, 9, 0, 0, tzinfo=dt.timezone(dt.timedelta(hours=9)))
 
 
+def pytest_configure(config):
+    # Two cores shared by Ray workers, decoders and the test process: torch's default thread pool spins and slows
+    # small CPU models by 10-50x under that contention. One intra-op thread per process is the fast setting here.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -41,7 +41,11 @@ def video_inputs(processor, frames: np.ndarray, frame_times_s: Sequence[float], 
         Processor outputs for a batch of one: ``input_ids`` int64[1, L], ``attention_mask``, ``mm_token_type_ids``,
         ``pixel_values_videos`` float[P, D], ``video_grid_thw`` int64[1, 3], ``second_per_grid_ts`` float[1].
     """
-    metadata = {"fps": sampled_fps(frame_times_s), "total_num_frames": len(frames), "frames_indices": list(range(len(frames)))}
+    metadata = {
+        "fps": sampled_fps(frame_times_s),
+        "total_num_frames": len(frames),
+        "frames_indices": list(range(len(frames))),
+    }
     return processor(
         text=[text],
         videos=[np.asarray(frames)],
