@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from opsvlm.tasks.operations import LABEL_NAMES, parse_answer
-from opsvlm.train.examples import END_OF_TURN, prompt_text, sampled_fps
+from opsvlm.train.examples import END_OF_TURN, prompt_text, video_metadata
 from opsvlm.video.sampling import SamplingSpec
 
 ANSWER_PARTS = ('{"operation": "', '", "start_s": ', ', "end_s": ', ', "next_operation": "', '"}')
@@ -264,19 +264,11 @@ class Predictor:
 
     def _inputs(self, clips: Sequence[ClipInput]) -> dict:
         texts = [prompt_text(self.processor, c.clip_length_s, c.frame_times_s) for c in clips]
-        metadata = [
-            {
-                "fps": sampled_fps(c.frame_times_s),
-                "total_num_frames": len(c.frames),
-                "frames_indices": list(range(len(c.frames))),
-            }
-            for c in clips
-        ]
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same position
         inputs = self.processor(
             text=texts,
             videos=[np.asarray(c.frames) for c in clips],
-            video_metadata=metadata,
+            video_metadata=[video_metadata(c.frame_times_s) for c in clips],
             do_sample_frames=False,
             padding=True,
             return_tensors="pt",

@@ -35,7 +35,7 @@ def test_slot_tokenization_equals_whole_answer_tokenization(predictor):
         for start, end in [(0.0, 5.0), (1.2, 3.4), (9.9, 12.3)]:
             nxt = LABEL_NAMES[(LABEL_NAMES.index(operation) + 3) % len(LABEL_NAMES)]
             pieces = [parts[0], operation, parts[1], f"{start:.1f}", parts[2], f"{end:.1f}", parts[3], nxt, parts[4]]
-            assert sum((encode(p) for p in pieces), []) == encode(target_text(operation, start, end, nxt))
+            assert [t for p in pieces for t in encode(p)] == encode(target_text(operation, start, end, nxt))
 
 
 def test_time_choices_cover_the_clip_on_a_tenth_second_grid():

@@ -28,6 +28,12 @@ def sampled_fps(frame_times_s: Sequence[float]) -> float:
     return (len(frame_times_s) - 1) / span if span > 0 else 1.0
 
 
+def video_metadata(frame_times_s: Sequence[float]) -> dict:
+    """What the processor needs to know about already-sampled frames: their rate, count and that it keeps them all."""
+    count = len(frame_times_s)
+    return {"fps": sampled_fps(frame_times_s), "total_num_frames": count, "frames_indices": list(range(count))}
+
+
 def video_inputs(processor, frames: np.ndarray, frame_times_s: Sequence[float], text: str) -> dict:
     """Run the processor on one prompt with one video.
 
