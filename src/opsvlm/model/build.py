@@ -54,12 +54,17 @@ class LoraSettings:
         targets: ``"language"`` (q/k/v/o and gate/up/down projections of every decoder layer),
             ``"language_vision"`` (plus the vision blocks' qkv/proj and MLP projections and the patch merger), or any
             regex, full-matched against module paths such as ``model.language_model.layers.0.self_attn.q_proj``.
+        modules_to_save: Modules trained in full and saved with the adapter (peft ``modules_to_save``; a name
+            matches module paths ending in it). A randomly initialised model (the tiny fixture) needs its final
+            norm here: with frozen unit norm weights and small lm_head weights its logits cannot become confident,
+            so LoRA alone plateaus at a high loss. Released checkpoints do not need it.
     """
 
     rank: int = 16
     alpha: float = 32
     dropout: float = 0.05
     targets: str = "language"
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -362,6 +367,7 @@ def prepare_for_training(model: Any, config: ModelConfig) -> tuple[Any, dict[str
         target_modules=regex,
         bias="none",
         task_type="CAUSAL_LM",
+        modules_to_save=list(config.lora.modules_to_save) or None,
     )
     peft_model = get_peft_model(model, lora_config)
     peft_model.train()  # from_pretrained leaves eval mode, which would disable LoRA dropout and checkpointing.

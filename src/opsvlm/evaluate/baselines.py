@@ -1,0 +1,84 @@
+"""Baselines scored side by side with the model (pure functions over prediction records).
+
+* majority: the most frequent dominant and next operation of the training split, segment = the whole clip;
+* grammar prior: the model's operation and segment, next = the most frequent successor of that operation in the
+  training split's timelines;
+* oracle grammar (upper reference for AA@1): the true operation and segment, next = its most frequent successor.
+
+The zero-shot base model is the fourth baseline; it runs through the same batch inference as the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+from opsvlm.data.clips import label_runs
+from opsvlm.data.openpack import SessionTimeline
+from opsvlm.tasks.operations import NULL, operation_by_id
+
+
+def successor_counts(timelines: Iterable[SessionTimeline]) -> dict[str, Counter]:
+    """How often each operation is followed by each other operation (Null gaps and repeats skipped).
+
+    Returns:
+        ``{operation name: Counter({next operation name: count})}``; the last operation of a session is followed by
+        ``Null`` (nothing follows), as in the clip labels.
+    """
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for timeline in timelines:
+        ops = [run.op_id for run in label_runs(timeline) if run.op_id != NULL.id]
+        for current, following in zip(ops, [*ops[1:], NULL.id], strict=True):
+            if current != following:
+                counts[operation_by_id(current).name][operation_by_id(following).name] += 1
+    return dict(counts)
+
+
+def most_frequent_successor(counts: dict[str, Counter], fallback: str) -> dict[str, str]:
+    """``{operation: its most frequent successor}`` (ties to the alphabetically first; unseen ops -> fallback)."""
+    table = {op: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for op, c in counts.items() if c}
+    return defaultdict(lambda: fallback, table)
+
+
+def majority_predictions(train_rows: Sequence[dict], rows: Sequence[dict]) -> list[dict]:
+    """Majority-class predictions for ``rows`` learned from ``train_rows`` (segment = whole clip)."""
+    operation = Counter(r["dominant_operation"] for r in train_rows).most_common(1)[0][0]
+    following = Counter(r["next_operation"] for r in train_rows).most_common(1)[0][0]
+    return [
+        {"operation": operation, "start_s": 0.0, "end_s": r["end_s"] - r["start_s"], "next_operation": following}
+        for r in rows
+    ]
+
+
+def grammar_predictions(rows: Sequence[dict], successor: dict[str, str], oracle: bool = False) -> list[dict | None]:
+    """Next operation from the grammar, applied to the model's operation (or the true one when ``oracle``).
+
+    Args:
+        rows: Prediction records (``PREDICTION_SCHEMA`` of ``opsvlm.evaluate.batch``).
+        successor: From :func:`most_frequent_successor`.
+        oracle: Use the true operation and segment (an upper reference, not a method).
+    """
+    out: list[dict | None] = []
+    for r in rows:
+        if oracle:
+            start, end = r["temporal_segment"]
+            out.append(
+                {
+                    "operation": r["dominant_operation"],
+                    "start_s": start,
+                    "end_s": end,
+                    "next_operation": successor[r["dominant_operation"]],
+                }
+            )
+        elif r["valid"]:
+            out.append(
+                {
+                    "operation": r["pred_operation"],
+                    "start_s": r["pred_start_s"],
+                    "end_s": r["pred_end_s"],
+                    "next_operation": successor[r["pred_operation"]],
+                }
+            )
+        else:
+            out.append(None)
+    return out

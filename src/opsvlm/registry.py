@@ -1,0 +1,446 @@
+"""The MLflow model registry for opsvlm: model references, registration, and champion/challenger promotion.
+
+A model version is the ``checkpoint`` artifact folder of a training run (adapter, processor, ``model.json``, ...),
+registered with ``MlflowClient.create_model_version`` on those plain artifacts (``log_model`` is not used: for
+PyTorch, MLflow 3 goes through torch.export). Its tags carry what serving and comparisons need: base model,
+quantization, sampling spec, label set, processor path, the evaluation split and every eval metric as
+``metric.<name>``. Two aliases matter:
+
+* ``challenger``: the most recently registered version;
+* ``champion``: the version serving loads (``models:/opsvlm@champion``). It moves only to a version whose
+  ``metric.weighted_score`` is strictly higher on the same evaluation split, or when forced (recorded as a tag).
+
+Versions are never deleted. Imports mlflow lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opsvlm.tracking import resolve_tracking_uri
+from opsvlm.train import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+DEFAULT_NAME = "opsvlm"
+CHECKPOINT_ARTIFACT = "checkpoint"  # artifact path of the final checkpoint in a training run (train/loop.py: fit)
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SCORE = "weighted_score"
+METRIC_PREFIX = "metric."
+EVAL_SPLIT_TAG = "opsvlm.eval_split"  # set on evaluation runs (evaluate/run.py)
+TRAIN_RUN_TAG = "opsvlm.train_run_id"
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_RUNS_REF = re.compile(r"runs:/(?P<run_id>[^/]+)(?:/(?P<path>.+?))?/?")
+_MODELS_REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
+
+
+class ModelRefError(ValueError):
+    """A model reference that cannot be resolved to an opsvlm checkpoint (the message names the reference)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :func:`promote`.
+
+    Attributes:
+        promoted: Whether ``champion`` now points to ``version``.
+        forced: Whether it was promoted by ``force`` although the comparison alone would have kept the champion.
+        version: The challenger version.
+        previous_champion_version: The champion before the decision (``None`` if there was none).
+        new_score: The challenger's weighted score (``None`` if it has none).
+        champion_score: The previous champion's weighted score (``None`` if no champion or no score).
+        reason: Why, with both numbers.
+    """
+
+    promoted: bool
+    forced: bool
+    version: int
+    previous_champion_version: int | None
+    new_score: float | None
+    champion_score: float | None
+    reason: str
+
+    def __str__(self) -> str:
+        if self.promoted:
+            return f"PROMOTED v{self.version}{' (forced)' if self.forced else ''}: {self.reason}"
+        return f"KEPT champion v{self.previous_champion_version}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Evaluation metrics as promotion consumes them.
+
+    Attributes:
+        metrics: Metric name -> value (must include ``weighted_score``).
+        eval_split: Identifier of the exact clip set scored (``<split>:<hash>``).
+        eval_run_id: The evaluation run (``None`` if unknown).
+        train_run_id: The training run that was evaluated (``None`` if unknown).
+    """
+
+    metrics: dict[str, float]
+    eval_split: str
+    eval_run_id: str | None = None
+    train_run_id: str | None = None
+
+
+# --- references ------------------------------------------------------------------------------------------------------
+
+
+def resolve_model(ref: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The local checkpoint directory for a model reference, downloaded if needed.
+
+    Args:
+        ref: One of: a checkpoint directory (returned as is); ``runs:/<run_id>[/<path>]`` (default path
+            ``checkpoint``) or a bare 32-hex run id; ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+        tracking_uri: MLflow tracking (and registry) URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
+        cache_dir: Where downloads go, one folder per run artifact or model version, reused when already there;
+            default a new temporary directory (left for the caller, e.g. a serving replica, to keep).
+
+    Returns:
+        The checkpoint directory (holds ``model.json``, ``adapter/``, ``processor/``).
+
+    Raises:
+        ModelRefError: naming ``ref``, if it cannot be parsed, found or downloaded, or is not an opsvlm checkpoint.
+    """
+    if Path(ref).is_dir():
+        _check_checkpoint(ref, Path(ref))
+        return Path(ref)
+    uri = resolve_tracking_uri(tracking_uri or "")
+    target = _locate(ref, uri)
+    cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="opsvlm-model-"))
+    local = cache / target["cache_key"]
+    if local.is_dir():
+        try:
+            ckpt.read_model_meta(local)
+            return local
+        except (FileNotFoundError, ValueError):
+            shutil.rmtree(local)  # a stale or broken copy: fetch it again
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+    try:
+        downloaded = _download(ref, target["download_uri"], staging, uri)
+        _check_checkpoint(ref, downloaded)
+        try:
+            os.rename(downloaded, local)
+        except OSError:  # another process put it there first
+            if not local.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return local
+
+
+def describe_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """What a model reference points to, for status pages and run links.
+
+    Args:
+        ref: As for :func:`resolve_model`.
+        tracking_uri: MLflow tracking URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
+
+    Returns:
+        ``{"ref": ...}`` plus, where they apply: ``path`` (a directory), ``run_id`` and ``artifact_path`` (run and
+        registry refs), ``name``, ``version`` and ``alias`` (registry refs).
+
+    Raises:
+        ModelRefError: naming ``ref``, if it cannot be parsed or found.
+    """
+    if Path(ref).is_dir():
+        return {"ref": ref, "path": str(Path(ref).resolve())}
+    target = _locate(ref, resolve_tracking_uri(tracking_uri or ""))
+    return {"ref": ref, **{k: v for k, v in target.items() if k not in ("cache_key", "download_uri")}}
+
+
+def _locate(ref: str, uri: str) -> dict[str, Any]:
+    """Parse ``ref`` and resolve registry refs to a version: run_id, artifact_path, download_uri, cache_key, ..."""
+    if _RUN_ID.fullmatch(ref):
+        ref_runs = f"runs:/{ref}/{CHECKPOINT_ARTIFACT}"
+    elif ref.startswith("runs:/"):
+        ref_runs = ref
+    else:
+        ref_runs = None
+    if ref_runs is not None:
+        match = _RUNS_REF.fullmatch(ref_runs)
+        if match is None:
+            raise ModelRefError(f"{ref!r}: expected runs:/<run_id>[/<artifact path>]")
+        run_id, path = match["run_id"], match["path"] or CHECKPOINT_ARTIFACT
+        _get_run(ref, run_id, uri)
+        return {
+            "run_id": run_id,
+            "artifact_path": path,
+            "download_uri": f"runs:/{run_id}/{path}",
+            "cache_key": f"run-{run_id}-{path.replace('/', '_')}",
+        }
+    match = _MODELS_REF.fullmatch(ref)
+    if match is None:
+        raise ModelRefError(
+            f"{ref!r} is not a checkpoint directory, a run id, runs:/<run_id>[/<path>], models:/<name>@<alias> or "
+            "models:/<name>/<version>"
+        )
+    client = _client(uri)
+    version = _get_version(client, match["name"], match["alias"], match["version"], ref)
+    # Resolve here rather than download models:/ directly: mlflow resolves those through the global registry URI
+    # and would ignore ``uri``.
+    return {
+        "name": version.name,
+        "version": int(version.version),
+        "alias": match["alias"],
+        "run_id": version.run_id,
+        "artifact_path": _artifact_path_of(version.source),
+        "download_uri": client.get_model_version_download_uri(version.name, version.version),
+        "cache_key": f"{version.name}-v{version.version}",
+    }
+
+
+def _download(ref: str, download_uri: str, dst: Path, uri: str) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(download_uri, dst_path=str(dst), tracking_uri=uri))
+    except MlflowException as exc:
+        raise ModelRefError(f"{ref!r}: could not download {download_uri} from {uri}: {exc.message}") from exc
+
+
+def _check_checkpoint(ref: str, directory: Path) -> dict:
+    try:
+        return ckpt.read_model_meta(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelRefError(f"{ref!r} does not point to an opsvlm checkpoint: {exc}") from exc
+
+
+def _artifact_path_of(source: str) -> str | None:
+    match = _RUNS_REF.fullmatch(source)
+    return match["path"] if match else None
+
+
+# --- registration and promotion --------------------------------------------------------------------------------------
+
+
+def register_version(
+    run_id: str,
+    *,
+    name: str = DEFAULT_NAME,
+    metrics: dict[str, float],
+    eval_split: str,
+    eval_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> ModelVersion:
+    """Register a training run's checkpoint as a new version of ``name`` and point ``challenger`` at it.
+
+    Args:
+        run_id: The training run; its ``checkpoint`` artifacts become the version (``runs:/<run_id>/checkpoint``).
+        name: Registered model name (created if missing).
+        metrics: The evaluation metrics, tagged as ``metric.<name>``; ``weighted_score`` is what promotion compares.
+        eval_split: Identifier of the clip set the metrics were computed on.
+        eval_run_id: The evaluation run, if any.
+        tracking_uri: MLflow tracking (and registry) URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
+
+    Returns:
+        The new model version (its tags as registered).
+
+    Raises:
+        ModelRefError: if the run has no valid checkpoint artifacts.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri or "")
+    client = _client(uri)
+    source = f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}"
+    _get_run(source, run_id, uri)
+    present = {Path(item.path).name for item in client.list_artifacts(run_id, CHECKPOINT_ARTIFACT)}
+    missing = {ckpt.MODEL_FILE, ckpt.ADAPTER_DIR, ckpt.PROCESSOR_DIR} - present
+    if missing:
+        raise ModelRefError(f"{source!r} is not a complete opsvlm checkpoint: missing {sorted(missing)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_json = mlflow.artifacts.download_artifacts(f"{source}/{ckpt.MODEL_FILE}", dst_path=tmp, tracking_uri=uri)
+        meta = _check_checkpoint(source, Path(model_json).parent)
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="opsvlm LoRA adapters (checkpoint folders of training runs)")
+    tags = {
+        "base_model": meta["base_model"],
+        "quantization": meta["quantization"],
+        "compute_dtype": meta["compute_dtype"],
+        "sampling_spec": json.dumps(meta["sampling_spec"], sort_keys=True),
+        "labels": json.dumps(meta["labels"]),
+        "task": meta["task"],
+        "step": str(meta["step"]),
+        "processor": f"{CHECKPOINT_ARTIFACT}/{ckpt.PROCESSOR_DIR}",
+        "eval_split": eval_split,
+        **({"eval_run_id": eval_run_id} if eval_run_id else {}),
+        **{f"{METRIC_PREFIX}{key}": repr(float(value)) for key, value in metrics.items()},
+    }
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def promote(name: str, version: int | str, *, force: bool = False, tracking_uri: str | None = None) -> Decision:
+    """Move ``champion`` to ``version`` if its weighted score beats the champion's on the same split.
+
+    Promotes when there is no champion, when the version's ``metric.weighted_score`` is strictly higher than the
+    champion's on the same ``eval_split``, or when ``force`` is set. Scores on different splits are not comparable:
+    the champion is kept (unless forced). The decision is recorded on the version as ``promotion.*`` tags; no version
+    is ever deleted.
+
+    Args:
+        name: Registered model name.
+        version: The challenger version.
+        force: Promote regardless of the comparison. When that overrides a "keep" the decision is ``forced`` and
+            recorded as ``promotion.forced=true``.
+        tracking_uri: MLflow tracking (and registry) URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
+
+    Returns:
+        The decision; ``str(decision)`` is a one-line summary with both numbers.
+    """
+    client = _client(resolve_tracking_uri(tracking_uri or ""))
+    challenger = _get_version(client, name, None, str(version), f"models:/{name}/{version}")
+    number, score, split = int(challenger.version), _score(challenger), challenger.tags.get("eval_split", "")
+    champion = _get_alias(client, name, CHAMPION)
+    previous = int(champion.version) if champion is not None else None
+    champion_score = _score(champion) if champion is not None else None
+
+    if previous == number:
+        return Decision(False, False, number, previous, score, champion_score, f"v{number} is already the champion")
+    if champion is None:
+        promoted, reason = True, f"{SCORE} {_fmt(score)}, no champion yet (split {split or '?'})"
+    elif score is None:
+        promoted, reason = False, f"challenger v{number} has no {METRIC_PREFIX}{SCORE}"
+    elif champion.tags.get("eval_split", "") != split:
+        promoted = False
+        reason = (
+            f"challenger v{number} {_fmt(score)} was scored on split {split or '?'} but champion v{previous} "
+            f"{_fmt(champion_score)} on split {champion.tags.get('eval_split') or '?'}: not comparable"
+        )
+    elif champion_score is None:
+        promoted, reason = False, f"champion v{previous} has no {METRIC_PREFIX}{SCORE} to compare with"
+    elif score > champion_score:
+        new, old = _fmt_pair(score, champion_score)
+        promoted, reason = True, f"{SCORE} {new} > champion v{previous} {old} (split {split})"
+    else:
+        new, old = _fmt_pair(score, champion_score)
+        promoted, reason = False, f"challenger v{number} {new} <= {old} (split {split})"
+
+    forced = force and not promoted
+    if forced:
+        promoted, reason = True, f"forced over: {reason}"
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, str(number))
+    for key, value in {
+        "promotion.decision": "promoted" if promoted else "kept",
+        "promotion.reason": reason,
+        "promotion.forced": str(forced).lower(),
+        "promotion.previous_champion": str(previous) if previous is not None else "none",
+    }.items():
+        client.set_model_version_tag(name, str(number), key, value)
+    return Decision(promoted, forced, number, previous, score, champion_score, reason)
+
+
+def read_eval(source: str, tracking_uri: str | None = None) -> EvalResult:
+    """Evaluation metrics from an evaluation run id or a summary JSON file (``jobs/evaluate.py --summary``).
+
+    Args:
+        source: A JSON file ``{"metrics": {...}, "eval_split": "...", "eval_run_id": "...", "train_run_id": ...}``
+            or an evaluation run id (its metrics, minus ``baseline/*``, and its ``opsvlm.eval_split`` tag).
+        tracking_uri: MLflow tracking URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
+
+    Raises:
+        ValueError: if the source is neither, or lacks the split or the weighted score.
+    """
+    path = Path(source)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        result = EvalResult(
+            metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
+            eval_split=data.get("eval_split") or "",
+            eval_run_id=data.get("eval_run_id") or None,
+            train_run_id=data.get("train_run_id") or None,
+        )
+    elif _RUN_ID.fullmatch(source):
+        run = _get_run(source, source, resolve_tracking_uri(tracking_uri or ""))
+        result = EvalResult(
+            metrics={k: v for k, v in run.data.metrics.items() if not k.startswith("baseline/")},
+            eval_split=run.data.tags.get(EVAL_SPLIT_TAG, ""),
+            eval_run_id=source,
+            train_run_id=run.data.tags.get(TRAIN_RUN_TAG) or None,
+        )
+    else:
+        raise ValueError(f"{source!r} is neither an eval summary JSON file nor an evaluation run id")
+    if not result.eval_split:
+        raise ValueError(f"{source}: no eval split recorded (need it to compare with the champion)")
+    if SCORE not in result.metrics:
+        raise ValueError(f"{source}: no {SCORE} among the metrics {sorted(result.metrics)}")
+    return result
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _get_run(ref: str, run_id: str, uri: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_run(run_id)
+    except MlflowException as exc:
+        raise ModelRefError(f"{ref!r}: no run {run_id} in {uri}") from exc
+
+
+def _get_version(client: MlflowClient, name: str, alias: str | None, version: str | None, ref: str) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelRefError(f"{ref!r}: not found in the model registry ({exc.message})") from exc
+
+
+def _get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _score(version: ModelVersion) -> float | None:
+    value = version.tags.get(f"{METRIC_PREFIX}{SCORE}")
+    if value is None:
+        return None
+    score = float(value)
+    return score if math.isfinite(score) else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fmt_pair(a: float, b: float) -> tuple[str, str]:
+    """Both scores with 3 decimals, or more when 3 would print different numbers alike."""
+    digits = 3
+    while digits < 8 and a != b and f"{a:.{digits}f}" == f"{b:.{digits}f}":
+        digits += 1
+    return f"{a:.{digits}f}", f"{b:.{digits}f}"
