@@ -8,7 +8,7 @@ Submit to a cluster::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/evaluate.py --model models:/opsvlm@challenger --data /mnt/prepared \
-        tracking.tracking_uri=http://127.0.0.1:5000 gpus_per_actor=1 actors=4
+        gpus_per_actor=1 actors=4
 
 Scores OCA, tIoU@0.5, AA@1 and the weighted score (plus macro-F1, class-mean recall, parse failures) for the model,
 a majority baseline, the grammar prior, the oracle-operation grammar reference, the zero-shot base model and free

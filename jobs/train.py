@@ -7,8 +7,7 @@ Run on a laptop (local Ray on 127.0.0.1, local MLflow store in ./mlruns)::
 Submit to a cluster (T4 workers, QLoRA on the 3B model)::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/train.py --config jobs/configs/t4_qlora_3b.yaml data.prepared=/mnt/prepared \
-        tracking.tracking_uri=http://127.0.0.1:5000
+        python jobs/train.py --config jobs/configs/t4_qlora_3b.yaml data.prepared=/mnt/prepared
 
 Before any worker starts, the memory planner checks the configuration against ``scaling.gpu_type`` and refuses
 one that does not fit, printing the breakdown. Any field of ``opsvlm.train.config.TrainConfig`` can be overridden

@@ -32,6 +32,15 @@ from opsvlm.train.examples import collate, encode_row
 from opsvlm.video.sampling import SamplingSpec
 
 TASK_NAME = "openpack-operations"
+# planner GPU names -> Ray accelerator types (ray.util.accelerators)
+ACCELERATOR_TYPES = {
+    "T4": "T4",
+    "A10G": "A10G",
+    "L4": "L4",
+    "A100-40": "A100-40G",
+    "A100-80": "A100-80G",
+    "H100-80": "H100",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -398,6 +407,8 @@ def fit(config: TrainConfig, extra_artifacts: dict[str, Any] | None = None) -> T
             num_workers=workers,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+            # pins workers to the node type the memory plan was made for (cluster.yaml declares these resources)
+            accelerator_type=ACCELERATOR_TYPES.get(config.scaling.gpu_type or "") if config.scaling.use_gpu else None,
         ),
         run_config=ray.train.RunConfig(
             name=name,
