@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from opsvlm.model.build import ModelConfig
+from opsvlm.model.build import ModelConfig, check_zero_compat
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
@@ -154,3 +154,5 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        # refuse before any worker starts, also on CPU runs where the memory planner is skipped
+        check_zero_compat(self.model.quantization, self.scaling.zero_stage)

@@ -101,7 +101,8 @@ def encode_training_example(
 
 def encode_row(processor, row: dict) -> dict:
     """A prepared clip row (see ``opsvlm.data.pipeline.CLIP_SCHEMA``) as a supervised example."""
-    frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(tuple(row["frame_shape"]))
+    # a writable copy: the processor turns it into a tensor, and torch warns on read-only buffers
+    frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(tuple(row["frame_shape"])).copy()
     start, end = row["temporal_segment"]
     answer = target_text(row["dominant_operation"], start, end, row["next_operation"])
     return encode_training_example(processor, frames, row["frame_times_s"], row["end_s"] - row["start_s"], answer)

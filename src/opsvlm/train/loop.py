@@ -165,7 +165,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def save_and_report(metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             if engine is not None:  # every rank writes its ZeRO partition; Ray merges the directories
-                engine.save_checkpoint(str(Path(directory) / ckpt.DEEPSPEED_DIR), tag="latest")
+                # tag "latest" would collide with DeepSpeed's own "latest" pointer file; frozen base weights are
+                # excluded (they come from from_pretrained again), or every checkpoint would hold the whole model
+                engine.save_checkpoint(
+                    str(Path(directory) / ckpt.DEEPSPEED_DIR), tag="zero", exclude_frozen_parameters=True
+                )
             if rank == 0:
                 ckpt.save_model_files(
                     directory,
@@ -186,6 +190,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ckpt.save_trainer_state(directory, state)
             has_files = rank == 0 or engine is not None
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None)
+        # A checkpoint counts only once the controller has collected every rank's report; a worker dying right
+        # after reporting would otherwise lose it and the restart would redo those steps.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     # 3. train
     shard = ray.train.get_dataset_shard("train")

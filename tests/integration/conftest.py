@@ -1,0 +1,135 @@
+"""Integration fixtures: a real MLflow tracking server, prepared clips and the tiny model checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from opsvlm.data.clips import ClipConfig
+from opsvlm.data.pipeline import PrepareConfig, prepare
+from opsvlm.video.sampling import SamplingSpec
+from tests.conftest import make_session
+
+SERVER_START_TIMEOUT_S = 60.0
+
+# Five subjects (3 train / 1 val / 1 test with the default split), 12 s each: every clip's dominant and next
+# operation come from a different pair of labels.
+SESSIONS: dict[str, list[tuple[int, float]]] = {
+    "U0101": [(100, 3.0), (200, 4.0), (300, 5.0)],
+    "U0102": [(300, 4.0), (400, 4.0), (500, 4.0)],
+    "U0103": [(500, 3.0), (600, 5.0), (700, 4.0)],
+    "U0104": [(700, 4.0), (1000, 4.0), (800, 4.0)],
+    "U0105": [(800, 4.0), (900, 4.0), (100, 4.0)],
+}
+FRAME_SIZE = 56
+FRAMES_PER_CLIP = 4
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the mlflow CLI forwards it to its uvicorn child), then SIGKILL what is left of the group we started."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    # The server runs in its own session: its process group id is the PID we started and holds only its children.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    command = [
+        str(mlflow_cli),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",  # the default (4) would start four uvicorn processes on a 2-core box
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(url):
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{(root / 'server.log').read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:.0f} s:\n"
+                    f"{(root / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(process)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prepared_clips(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared folder (shards by split, manifest) of five small real sessions: 4-frame 56x56 clips."""
+    root = tmp_path_factory.mktemp("train_data")
+    source = root / "source"
+    for subject, ops in SESSIONS.items():
+        make_session(source, subject, "S0100", ops, fps=15.0, size=(FRAME_SIZE, FRAME_SIZE))
+    out = root / "prepared"
+    summary = prepare(
+        PrepareConfig(
+            source=str(source),
+            out=str(out),
+            clips=ClipConfig(4.0, 2.0),
+            sampling=SamplingSpec(frames_per_clip=FRAMES_PER_CLIP, max_pixels=FRAME_SIZE * FRAME_SIZE),
+            decode_deadline_s=60,
+            decode_num_cpus=0.5,
+        )
+    )
+    assert summary["clips_written"] == summary["clips_total"] > 0, summary
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL checkpoint, built into this session's temporary cache (not ``~/.cache``)."""
+    from opsvlm.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny_cache"))
