@@ -19,8 +19,11 @@ class DataSettings:
         val_split: Split for the per-epoch validation loss.
         max_train_clips: Use at most this many training clips (quick runs); ``None`` = all.
         max_val_clips: Use at most this many validation clips.
-        materialize: Read the shards into Ray's object store before training starts. Avoids Ray Data read tasks
-            competing with the training workers for CPUs on small machines; turn off for datasets larger than memory.
+        materialize: Read the shards into Ray's object store before training starts (with a seeded global shuffle).
+            Avoids Ray Data read tasks competing with the training workers for CPUs on small machines; turn off for
+            datasets larger than memory.
+        shuffle_buffer: Rows in each worker's local shuffle buffer, reseeded every epoch. Shards hold clips in
+            session order, and batches of consecutive, overlapping clips from one session train badly.
     """
 
     prepared: str = ""
@@ -29,6 +32,7 @@ class DataSettings:
     max_train_clips: int | None = None
     max_val_clips: int | None = None
     materialize: bool = True
+    shuffle_buffer: int = 256
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,12 @@ def _deepspeed_config(config: TrainConfig, compute_dtype: torch.dtype) -> dict:
     }
 
 
-def _batches(shard, micro_batch: int, limit_rows: int | None):
-    """Micro-batches of clip rows from a worker's dataset shard (each a list of row dicts)."""
+def _batches(shard, micro_batch: int, limit_rows: int | None, shuffle_buffer: int = 0, seed: int = 0):
+    """Micro-batches of clip rows from a worker's dataset shard (each a list of row dicts), locally shuffled with a
+    fixed seed so a resumed epoch sees the same order and can skip what was already trained on."""
     seen = 0
-    for table in shard.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=False):
+    shuffle = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed} if shuffle_buffer else {}
+    for table in shard.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=False, **shuffle):
         rows = table.to_pylist()
         if limit_rows is not None:
             rows = rows[: max(0, limit_rows - seen)]
@@ -202,7 +204,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finished = step >= total_steps
     while not finished and epoch < epochs:
         micro_in_step, window_start, window_samples, window_tokens, loss_sum = 0, time.perf_counter(), 0, 0, 0.0
-        for micro_index, rows in enumerate(_batches(shard, optim.micro_batch, loop_config["rows_per_worker"])):
+        batches = _batches(
+            shard,
+            optim.micro_batch,
+            loop_config["rows_per_worker"],
+            config.data.shuffle_buffer,
+            seed=config.seed * 10_007 + epoch * 101 + rank,
+        )
+        for micro_index, rows in enumerate(batches):
             if micro_index < batches_done * optim.grad_accum:
                 continue  # consumed before the checkpoint we resumed from: not redone
             batch = _to_device(collate([encode_row(processor, r) for r in rows], pad_id), device)
@@ -374,7 +383,7 @@ def fit(config: TrainConfig, extra_artifacts: dict[str, Any] | None = None) -> T
         raise ValueError(f"{config.data.prepared}: split {config.data.train_split!r} has no clips")
     val_ds = load_split(config.data.prepared, config.data.val_split, config.data.max_val_clips)
     if config.data.materialize:
-        train_ds = train_ds.materialize()
+        train_ds = train_ds.random_shuffle(seed=config.seed).materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
     workers = config.scaling.num_workers
     train_rows = train_ds.count()
