@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from opsvlm.data.pipeline import CLIP_SCHEMA
 from opsvlm.inference import ClipInput, Predictor
 from opsvlm.video.sampling import SamplingSpec
 
@@ -25,15 +26,8 @@ TRUTH_COLUMNS = (
     "next_operation",
 )
 PREDICTION_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("subject", pa.string()),
-        ("session", pa.string()),
-        ("start_s", pa.float64()),
-        ("end_s", pa.float64()),
-        ("dominant_operation", pa.string()),
-        ("temporal_segment", pa.list_(pa.float64())),
-        ("next_operation", pa.string()),
+    [CLIP_SCHEMA.field(name) for name in TRUTH_COLUMNS]
+    + [
         ("valid", pa.bool_()),
         ("pred_operation", pa.string()),
         ("pred_start_s", pa.float64()),
