@@ -398,6 +398,9 @@ def run_ray_train(config, warmup: int, steps: int, cpus: int) -> dict:
     samples = steps * global_batch
     # The loop's own figure: its per-step window excludes its MLflow call and whatever happens between steps.
     loop_seconds = sum(global_batch / logged_rate[s] for s in range(warmup + 1, total + 1))
+    # The run's MLflow store and Ray Train storage (checkpoints) are only needed for the figures above.
+    shutil.rmtree(Path(config.tracking.tracking_uri.removeprefix("sqlite:///")).parent, ignore_errors=True)
+    shutil.rmtree(Path(config.storage_path) / f"train-{result.run_id}", ignore_errors=True)
     cpu_by_pid = sampler.cpu_between(start, end)
     cpu_by_label: dict[str, float] = {}
     for pid, seconds in cpu_by_pid.items():
