@@ -8,7 +8,8 @@ Run (from the repository root, with the project's virtual environment)::
 
 What runs. Synthetic sessions (OpenPack layout, H.264, 112x112 @ 15 fps; ``opsvlm.data.synthetic``) are prepared
 once with ``opsvlm.data.pipeline.prepare`` into 4-frame clips of at most 112x112 pixels (4 s windows every 2 s, all
-subjects in the ``train`` split), cached under ``--workdir`` and keyed by their parameters. Both contestants train
+subjects in the ``train`` split), cached under ``--workdir`` and keyed by their parameters (a smaller run reuses a
+bigger cache). Both contestants train
 the tiny Qwen2.5-VL on those clips with the ``jobs/configs/tiny_cpu.yaml`` preset (fp32, LoRA r16 on
 ``language_vision`` + ``lm_head`` trained in full, AdamW, cosine schedule, grad clip 1.0) and the same global batch:
 
@@ -16,7 +17,8 @@ the tiny Qwen2.5-VL on those clips with the ``jobs/configs/tiny_cpu.yaml`` prese
     ``--workers`` workers (``cpus_per_worker`` from the preset), DDP over gloo, each worker streaming its shard of the
     materialized Ray Dataset, micro-batch = global batch / workers, rank 0 logging every step to MLflow (a temporary
     SQLite store). Periodic checkpoints are pushed past the last step (the final one comes after the timed window)
-    and MLflow system metrics are off, so the window holds only training steps and their per-step logging.
+    and MLflow system metrics are off, so the window holds only training steps and their per-step logging. The
+    run's MLflow store and checkpoints are deleted once its figures are read.
 (b) ``plain``: one process (spawned fresh, so its peak RSS is its own), ``torch.set_num_threads(1)``, the same
     ``encode_row`` / ``collate`` / model / optimizer / scheduler / clipping step, micro-batch = global batch, rows
     read from the same Parquet shards. No Ray, no DDP, no MLflow.
@@ -41,8 +43,9 @@ micro-batch per worker) shows up above it. Target: ``ratio <= 1.2``.
 Because the machine may be shared, the script also measures **CPU-seconds per sample**: for (b) the CPU time of its
 process, for (a) the CPU time of the driver and every Ray process (sampled every 0.5 s, interpolated to the window).
 That view does not depend on how much of the machine others take (``cpu_ratio``); the wall view does, so the 1-minute
-load average is printed and recorded: rerun when it is well above the number of cores. With ``--repeats`` the runs
-alternate (b), (c), (d), (a), (b), (c), (d), (a), ... and the best run of each counts.
+load average is printed and recorded: rerun when it is well above the number of cores, and read ``ratio`` next to
+``side_by_side_ratio`` (when others hold cores, (d) shows that two processes get less than two cores' worth). With
+``--repeats`` the runs alternate (b), (c), (d), (a), (b), (c), (d), (a), ... and the best run of each counts.
 
 Peak RSS: (b) from ``getrusage`` in its own process; (a) per Ray Train worker from the kernel's high-water mark
 (``VmHWM`` in ``/proc/<pid>/status``, read while the workers live) plus rank 0's ``peak_rss_mb`` as the loop reports
@@ -100,6 +103,11 @@ def prepared_clips(workdir: Path, clips_needed: int, cpus: int) -> tuple[Path, i
     # One clip per stride; 25% spare. Whole minutes so that nearby --steps values share the cache.
     minutes = max(1, math.ceil(clips_needed * clips.stride_s * 1.25 / SESSIONS / 60.0))
     root = workdir / f"clips-n{SESSIONS}-m{minutes}-{SIZE}px-{FPS}fps-{FRAMES_PER_CLIP}f"
+    # Any finished cache of the same kind with enough clips will do (a --quick run reuses the full run's).
+    for marker in sorted(workdir.glob(f"clips-n{SESSIONS}-m*-{SIZE}px-{FPS}fps-{FRAMES_PER_CLIP}f/complete.json")):
+        if json.loads(marker.read_text())["clips"] >= clips_needed:
+            root = marker.parent
+            break
     marker = root / "complete.json"
     if marker.exists():
         info = json.loads(marker.read_text())
