@@ -96,6 +96,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to another `ray start` cluster on this machine (e.g. the e2e test's)
             num_cpus=2,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
