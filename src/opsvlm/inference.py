@@ -1,141 +1,83 @@
-"""Predictor: sampled clip frames -> a validated prediction, every time. No Ray here (Serve and Ray Data wrap it).
+"""Predictor: a task's inputs (sampled clip frames, an image) -> validated answers, every time. No Ray here (Serve and
+Ray Data wrap it).
 
-Decoding is constrained to the answer's exact shape::
-
-    {"operation": "<label>", "start_s": <a>, "end_s": <b>, "next_operation": "<label>"}
-
-with labels from the label set, times on the 0.1 s grid the model is trained on, and 0 <= a < b <= clip length.
-Each slot is a choice among a small set of strings (labels, or the valid times), so the constraint is a token trie
-over their canonical tokenizations, applied as a ``LogitsProcessor`` inside ``model.generate``: exact (it only
-allows continuations of valid answers), cheap (a few allowed ids per step instead of a grammar over the whole
-vocabulary), batched, on CPU or GPU. The answer's fixed parts and slots fall on pre-tokenizer boundaries of Qwen's
-tokenizer, so slot-by-slot tokenization equals the tokenization of the whole answer the model was trained on (a unit
-test checks this). The same walk gives per-label probabilities under the constrained distribution.
+Decoding is constrained to the task's answer shape (:mod:`opsvlm.tasks.base`): a sequence of slots, each a choice
+among a small set of strings (labels, valid times, fixed pieces of JSON), where a slot's choices may depend on
+earlier ones (``end_s > start_s``). The constraint is a token trie over the canonical tokenizations of those strings,
+applied as a ``LogitsProcessor`` inside ``model.generate``: exact (it only allows continuations of valid answers),
+cheap (a few allowed ids per step instead of a grammar over the whole vocabulary), batched, on CPU or GPU. The
+answers' fixed parts and slots fall on pre-tokenizer boundaries of Qwen's tokenizer, so slot-by-slot tokenization
+equals the tokenization of the whole answer the model was trained on (a unit test checks this). The same walk gives
+per-label probabilities under the constrained distribution.
 
 Why not a grammar library: xgrammar, outlines and lm-format-enforcer constrain characters against a JSON schema or
 regex over the full vocabulary. Our answer space is a handful of fixed strings, they cannot express ``start < end``
-across fields, and they give no per-label scores without extra passes. The trie is exact for this answer format
+across fields, and they give no per-label scores without extra passes. The trie is exact for these answer formats
 and needs no extra dependency.
 
-An unconstrained mode (plain greedy generation + :func:`opsvlm.tasks.operations.parse_answer`) is kept so the
-evaluation can report how often free generation breaks.
+An unconstrained mode (plain greedy generation + the task's ``parse_answer``) is kept so the evaluation can report
+how often free generation breaks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from opsvlm.tasks.operations import LABEL_NAMES, parse_answer
-from opsvlm.train.examples import END_OF_TURN, prompt_text, video_metadata
+from opsvlm.tasks.base import Task, get_task
+from opsvlm.tasks.operations import ANSWER_PARTS, TIME_STEP, ClipInput, Prediction, time_choices  # noqa: F401
+from opsvlm.train.examples import END_OF_TURN, model_inputs, prompt_text
 from opsvlm.video.sampling import SamplingSpec
-
-ANSWER_PARTS = ('{"operation": "', '", "start_s": ', ', "end_s": ', ', "next_operation": "', '"}')
-TIME_STEP = 0.1  # the answer's time resolution (targets are written with one decimal)
-
-
-@dataclass
-class ClipInput:
-    """One clip to predict on.
-
-    Attributes:
-        frames: uint8[K, H, W, 3] frames already sampled with the model's SamplingSpec.
-        frame_times_s: float[K] their clip-relative times.
-        clip_length_s: Clip length in seconds.
-    """
-
-    frames: np.ndarray
-    frame_times_s: Sequence[float]
-    clip_length_s: float
-
-
-@dataclass
-class Prediction:
-    """A validated answer: labels from the label set, 0 <= start_s < end_s <= clip length.
-
-    Attributes:
-        operation: Dominant operation.
-        start_s: Its start inside the clip.
-        end_s: Its end inside the clip.
-        next_operation: The operation that follows.
-        confidence: Probability of ``operation`` under the constrained distribution.
-        scores: Probability per label for ``operation`` (labels pruned before their first token get 0).
-        next_scores: The same for ``next_operation``.
-        text: The generated text.
-    """
-
-    operation: str
-    start_s: float
-    end_s: float
-    next_operation: str
-    confidence: float = 1.0
-    scores: dict[str, float] = field(default_factory=dict)
-    next_scores: dict[str, float] = field(default_factory=dict)
-    text: str = ""
-
-    def to_dict(self) -> dict:
-        return {
-            "operation": self.operation,
-            "start_s": self.start_s,
-            "end_s": self.end_s,
-            "next_operation": self.next_operation,
-            "confidence": self.confidence,
-            "scores": self.scores,
-            "next_scores": self.next_scores,
-        }
-
-
-def time_choices(clip_length_s: float) -> list[str]:
-    """Every answer time on the 0.1 s grid within the clip, as text (``"0.0"`` ... ``"5.0"``)."""
-    steps = int(np.floor(clip_length_s / TIME_STEP + 1e-6))
-    return [f"{k * TIME_STEP:.1f}" for k in range(steps + 1)]
-
-
-class _Slots:
-    """The answer as a sequence of slots for one clip; each slot is a list of allowed token sequences."""
-
-    def __init__(self, encode, labels: Sequence[str], clip_length_s: float, eos_id: int):
-        self.parts = [[encode(part)] for part in ANSWER_PARTS]
-        self.labels = [encode(label) for label in labels]
-        self.times = {t: encode(t) for t in time_choices(clip_length_s)}
-        self.eos = [[eos_id]]
-
-    def slot(self, index: int, chosen: list[str]) -> list[list[int]] | None:
-        """Allowed token sequences of slot ``index`` given the strings chosen in earlier slots."""
-        times = list(self.times)
-        if index == 3:  # start: leave room for an end after it
-            return [self.times[t] for t in times[:-1]]
-        if index == 5:  # end: strictly after the chosen start
-            start = float(chosen[3])
-            return [self.times[t] for t in times if float(t) > start + 1e-9]
-        layout = {0: self.parts[0], 1: self.labels, 2: self.parts[1], 4: self.parts[2], 6: self.parts[3]}
-        layout.update({7: self.labels, 8: self.parts[4], 9: self.eos})
-        return layout.get(index)
 
 
 class AnswerConstraint:
     """``LogitsProcessor`` that lets ``generate`` produce only valid answers (see the module docstring).
 
+    The answer is the task's slots followed by one end-of-turn slot; a row is done once that token is out.
+
     Args:
         tokenizer: The model's tokenizer.
-        clip_lengths_s: Clip length per batch row.
+        task: The task whose answer shape is enforced.
+        examples: The task input of each batch row (slots may depend on it, e.g. the clip length).
         prompt_length: Length of the (left-padded) prompt; generated tokens start there.
-        labels: The label set.
     """
 
-    def __init__(self, tokenizer, clip_lengths_s: Sequence[float], prompt_length: int, labels=LABEL_NAMES):
+    def __init__(self, tokenizer, task: Task, examples: Sequence[Any], prompt_length: int):
         self.decode = tokenizer.decode
-        eos_id = tokenizer.convert_tokens_to_ids(END_OF_TURN.strip())
-
-        def encode(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-        self.slots = [_Slots(encode, labels, length, eos_id) for length in clip_lengths_s]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+        self.task = task
+        self.examples = list(examples)
+        self.eos_id = tokenizer.convert_tokens_to_ids(END_OF_TURN.strip())
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.prompt_length = prompt_length
+        self._tokens: dict[str, list[int]] = {}
+        self._tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Canonical token ids of one slot string (cached: the same labels and times recur in every row)."""
+        if text not in self._tokens:
+            self._tokens[text] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._tokens[text]
+
+    def strings(self, row: int, index: int, chosen: Sequence[str]) -> Sequence[str] | None:
+        """Strings allowed in slot ``index`` of ``row`` (the task's, then the end-of-turn slot, then ``None``)."""
+        allowed = self.task.answer_slot(index, chosen, self.examples[row])
+        if allowed is not None:
+            return allowed
+        if index > 0 and self.task.answer_slot(index - 1, chosen[: index - 1], self.examples[row]) is not None:
+            return [END_OF_TURN.strip()]
+        return None
+
+    def slot(self, row: int, index: int, chosen: Sequence[str]) -> list[list[int]] | None:
+        """Allowed token sequences of slot ``index`` given the strings chosen in earlier slots."""
+        allowed = self.strings(row, index, chosen)
+        if allowed is None:
+            return None
+        if list(allowed) == [END_OF_TURN.strip()]:
+            return [[self.eos_id]]
+        return [self.encode(text) for text in allowed]
 
     def walk(self, row: int, generated: Sequence[int]) -> tuple[int, list[str], list[int], list[list[int]]]:
         """Follow generated tokens through the slots.
@@ -143,26 +85,34 @@ class AnswerConstraint:
         Returns:
             ``(slot index, chosen strings so far, tokens consumed in the current slot, its allowed sequences)``.
         """
-        slots, chosen, index, consumed = self.slots[row], [], 0, []
-        options = slots.slot(0, chosen)
+        chosen: list[str] = []
+        index, consumed = 0, []
+        options = self.slot(row, 0, chosen) or []
         for token in generated:
-            if index == len(ANSWER_PARTS) + 4 and consumed:  # past the end-of-turn token: padding of a done row
+            if consumed == [self.eos_id] and options == [[self.eos_id]]:  # past the end: padding of a done row
                 break
             live = [o for o in options if o[: len(consumed) + 1] == [*consumed, token]]
             if not live:  # the current slot ended with a complete option; the token starts the next slot
                 chosen.append(self.decode(consumed))
                 index, consumed = index + 1, []
-                options = slots.slot(index, chosen) or []
+                options = self.slot(row, index, chosen) or []
                 live = [o for o in options if o[:1] == [token]]
             consumed.append(token)
             options = live
         return index, chosen, consumed, options
 
+    def done(self, row: int, generated: Sequence[int]) -> bool:
+        """Whether the row's answer is complete (its end-of-turn token generated)."""
+        _, _, consumed, options = self.walk(row, generated)
+        return consumed == [self.eos_id] and options == [[self.eos_id]]
+
     def allowed(self, row: int, generated: Sequence[int]) -> set[int]:
         index, chosen, consumed, options = self.walk(row, generated)
+        if consumed == [self.eos_id] and options == [[self.eos_id]]:
+            return set()
         allowed = {o[len(consumed)] for o in options if len(o) > len(consumed)}
         if any(len(o) == len(consumed) for o in options):
-            following = self.slots[row].slot(index + 1, [*chosen, self.decode(consumed)])
+            following = self.slot(row, index + 1, [*chosen, self.decode(consumed)])
             allowed |= {o[0] for o in following or []}
         return allowed
 
@@ -208,33 +158,36 @@ def label_probabilities(
 
 
 class Predictor:
-    """A model + processor + sampling spec that turns clips into predictions.
+    """A model + processor + sampling spec + task that turns task inputs into answers.
 
     Args:
         model: A Qwen2-VL-family model (with or without a LoRA adapter), in eval mode.
         processor: Its processor.
-        spec: The SamplingSpec the model was trained with (callers sample frames with it).
-        labels: The label set.
+        spec: The SamplingSpec the model was trained with (callers sample frames / size images with it).
+        task: The task (or its name) the model answers.
         constrained: Constrain decoding to valid answers (default); ``False`` = free greedy generation.
-        max_new_tokens: Generation budget (the constrained answer is ~40 tokens with Qwen's tokenizer).
+        max_new_tokens: Generation budget (the constrained clip answer is ~40 tokens with Qwen's tokenizer).
     """
 
-    def __init__(self, model, processor, spec: SamplingSpec, labels=LABEL_NAMES, constrained=True, max_new_tokens=96):
+    def __init__(
+        self, model, processor, spec: SamplingSpec, task: Task | str = "operations", constrained=True, max_new_tokens=96
+    ):
         self.model = model
         self.processor = processor
         self.spec = spec
-        self.labels = tuple(labels)
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.labels = self.task.labels
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
         self.device = next(model.parameters()).device
 
     @classmethod
     def from_checkpoint(cls, directory, quantization: str | None = None, constrained: bool = True) -> Predictor:
-        """Load base model + adapter + processor + sampling spec from an opsvlm checkpoint directory.
+        """Load base model + adapter + processor + sampling spec + task from an opsvlm checkpoint directory.
 
         Args:
             directory: Checkpoint directory (see ``opsvlm.train.checkpoint``).
-            quantization: Override how the base is loaded (``nf4`` / ``none``); default: as trained.
+            quantization: Override how the base is loaded (``nf4`` / ``int8`` / ``none``); default: as trained.
             constrained: See the class.
         """
         from pathlib import Path
@@ -251,53 +204,53 @@ class Predictor:
         device_map = {"": 0} if torch.cuda.is_available() else None
         model = load_for_inference(meta["base_model"], Path(directory) / ckpt.ADAPTER_DIR, config, device_map)
         processor = load_processor(Path(directory) / ckpt.PROCESSOR_DIR)
-        return cls(model, processor, ckpt.sampling_spec_of(directory), meta["labels"], constrained)
+        task = get_task(meta.get("task", "operations"))
+        if list(task.labels) != list(meta["labels"]):
+            raise ValueError(f"{directory}: its label set differs from task {task.name!r}'s: {meta['labels']}")
+        return cls(model, processor, ckpt.sampling_spec_of(directory), task, constrained)
 
     @classmethod
-    def from_base(cls, source: str, spec: SamplingSpec, quantization: str = "none", constrained=True) -> Predictor:
+    def from_base(
+        cls,
+        source: str,
+        spec: SamplingSpec,
+        quantization: str = "none",
+        constrained=True,
+        task: Task | str = "operations",
+    ) -> Predictor:
         """The base model without an adapter (the zero-shot baseline)."""
         from opsvlm.model.build import ModelConfig, load_base_model, load_processor
 
         config = ModelConfig(name=source, quantization=quantization, compute_dtype="auto")
         device_map = {"": 0} if torch.cuda.is_available() else None
-        return cls(load_base_model(config, device_map).eval(), load_processor(source), spec, LABEL_NAMES, constrained)
+        return cls(load_base_model(config, device_map).eval(), load_processor(source), spec, task, constrained)
 
-    def _inputs(self, clips: Sequence[ClipInput]) -> dict:
-        texts = [prompt_text(self.processor, c.clip_length_s, c.frame_times_s) for c in clips]
+    def _inputs(self, examples: Sequence[Any]) -> dict:
+        texts = [prompt_text(self.processor, self.task, e) for e in examples]
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same position
-        inputs = self.processor(
-            text=texts,
-            videos=[np.asarray(c.frames) for c in clips],
-            video_metadata=[video_metadata(c.frame_times_s) for c in clips],
-            do_sample_frames=False,
-            padding=True,
-            return_tensors="pt",
-        )
+        inputs = model_inputs(self.processor, self.task, examples, texts, padding=True)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.inference_mode()
-    def predict(self, clips: Sequence[ClipInput]) -> list[Prediction | None]:
-        """Predict a batch of clips in one ``generate`` call.
+    def predict(self, examples: Sequence[Any]) -> list[Any | None]:
+        """Predict a batch of task inputs (e.g. :class:`ClipInput`) in one ``generate`` call.
 
         Returns:
-            One prediction per clip; ``None`` only in unconstrained mode, for an answer that does not parse.
+            One answer per input (:class:`Prediction` for clips); ``None`` only in unconstrained mode, for an answer
+            that does not parse.
         """
-        if not clips:
+        if not examples:
             return []
-        inputs = self._inputs(clips)
+        inputs = self._inputs(examples)
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = self.processor.tokenizer
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
         if not self.constrained:
             output = self.model.generate(**inputs, **kwargs)
             texts = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
-            predictions = []
-            for clip, text in zip(clips, texts, strict=True):
-                answer = parse_answer(text, clip.clip_length_s)
-                predictions.append(None if answer is None else Prediction(**vars(answer), text=text))
-            return predictions
+            return [self.task.parse_answer(text, e) for e, text in zip(examples, texts, strict=True)]
 
-        constraint = AnswerConstraint(tokenizer, [c.clip_length_s for c in clips], prompt_length, self.labels)
+        constraint = AnswerConstraint(tokenizer, self.task, examples, prompt_length)
         output = self.model.generate(
             **inputs,
             **kwargs,
@@ -306,31 +259,26 @@ class Predictor:
             return_dict_in_generate=True,
         )
         logprobs = torch.stack(output.scores, dim=1).float().log_softmax(-1).cpu()  # [B, steps, V]
-        predictions = []
-        for row, clip in enumerate(clips):
-            generated = output.sequences[row, prompt_length:].tolist()
-            predictions.append(self._decode_row(constraint, row, generated, logprobs[row], clip))
-        return predictions
+        return [
+            self._decode_row(constraint, row, output.sequences[row, prompt_length:].tolist(), logprobs[row])
+            for row in range(len(examples))
+        ]
 
-    def _decode_row(self, constraint: AnswerConstraint, row: int, generated: list[int], logprobs, clip) -> Prediction:
+    def _decode_row(self, constraint: AnswerConstraint, row: int, generated: list[int], logprobs) -> Any:
         tokenizer = self.processor.tokenizer
-        index, chosen, consumed, _ = constraint.walk(row, generated)
-        chosen = [*chosen, tokenizer.decode(consumed)]
-        if index < len(ANSWER_PARTS) + 4:  # ran out of tokens before the end-of-turn: raise max_new_tokens
-            raise RuntimeError(f"constrained answer incomplete after {len(generated)} tokens: {chosen}")
-        slots = constraint.slots[row]
-        starts = np.cumsum([0] + [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in chosen[:-1]])
-        op_probs = label_probabilities(logprobs, generated, int(starts[1]), slots.labels)
-        next_probs = label_probabilities(logprobs, generated, int(starts[7]), slots.labels)
-        operation, next_operation = chosen[1], chosen[7]
-        scores = dict(zip(self.labels, op_probs, strict=True))
-        return Prediction(
-            operation=operation,
-            start_s=float(chosen[3]),
-            end_s=float(chosen[5]),
-            next_operation=next_operation,
-            confidence=scores[operation],
-            scores=scores,
-            next_scores=dict(zip(self.labels, next_probs, strict=True)),
-            text=tokenizer.decode(generated, skip_special_tokens=True),
-        )
+        if not constraint.done(row, generated):  # ran out of tokens before the end-of-turn: raise max_new_tokens
+            raise RuntimeError(
+                f"constrained answer incomplete after {len(generated)} tokens: {tokenizer.decode(generated)}"
+            )
+        _, chosen, _, _ = constraint.walk(row, generated)  # every slot's string, without the end-of-turn
+        starts = np.cumsum([0] + [len(constraint.encode(text)) for text in chosen])
+        label_scores = {}
+        for index in self.task.label_slots:
+            allowed = list(constraint.strings(row, index, chosen[:index]))
+            probs = label_probabilities(
+                logprobs, generated, int(starts[index]), [constraint.encode(t) for t in allowed]
+            )
+            by_label = dict(zip(allowed, probs, strict=True))
+            label_scores[index] = {label: by_label.get(label, 0.0) for label in self.task.labels}
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        return self.task.answer_from_slots(chosen, label_scores, text)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from opsvlm.inference import AnswerConstraint, ClipInput, Predictor, time_choices
 from opsvlm.model.build import ModelConfig, load_base_model, load_processor
 from opsvlm.model.tiny import ensure_tiny_model
-from opsvlm.tasks.operations import LABEL_NAMES, parse_answer, target_text
+from opsvlm.tasks.operations import LABEL_NAMES, OperationsTask, parse_answer, target_text
 from opsvlm.video.sampling import SamplingSpec
 
 
@@ -45,7 +45,8 @@ def test_time_choices_cover_the_clip_on_a_tenth_second_grid():
 
 def test_constraint_walk_allows_only_valid_continuations(predictor):
     tokenizer = predictor.processor.tokenizer
-    constraint = AnswerConstraint(tokenizer, [2.0], prompt_length=0)
+    clip = ClipInput(np.zeros((4, 56, 56, 3), np.uint8), [0.0, 0.5, 1.0, 1.5], 2.0)
+    constraint = AnswerConstraint(tokenizer, OperationsTask(), [clip], prompt_length=0)
     answer = tokenizer(target_text("Scan Label", 1.5, 1.9, "Null") + "<|im_end|>", add_special_tokens=False)
     ids = answer["input_ids"]
     for i in range(len(ids)):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from opsvlm.model import build, tiny
-from opsvlm.tasks.operations import parse_answer, target_text
+from opsvlm.tasks.operations import ClipInput, OperationsTask, parse_answer, sampled_fps, target_text
 from opsvlm.train.examples import (
     END_OF_TURN,
     IGNORE_INDEX,
@@ -20,8 +20,14 @@ from opsvlm.train.examples import (
     encode_row,
     encode_training_example,
     prompt_text,
-    sampled_fps,
 )
+
+TASK = OperationsTask()
+
+
+def clip_example(processor, clip_frames: np.ndarray, times, clip_length_s: float, answer: str) -> dict:
+    return encode_training_example(processor, TASK, ClipInput(clip_frames, list(times), clip_length_s), answer)
+
 
 # Uneven times (as motion sampling gives them): mean spacing 1.2667 s, i.e. 0.79 fps, far from the processor's
 # default of 2 fps, so a processor that ignored the real rate would be caught.
@@ -49,7 +55,7 @@ def unmasked(example: dict) -> torch.Tensor:
 
 
 def test_labels_mask_everything_but_the_answer_and_end_of_turn(processor) -> None:
-    example = encode_training_example(processor, frames(), TIMES, 4.0, ANSWER)
+    example = clip_example(processor, frames(), TIMES, 4.0, ANSWER)
     input_ids, labels = example["input_ids"][0], example["labels"][0]
     tokenizer = processor.tokenizer
 
@@ -71,7 +77,8 @@ def test_labels_mask_everything_but_the_answer_and_end_of_turn(processor) -> Non
     }
     # What precedes the answer is the generation prompt, with the video placeholder expanded.
     prompt = tokenizer.decode(input_ids[:-n])
-    assert prompt.replace("<|video_pad|>", "") == prompt_text(processor, 4.0, TIMES).replace("<|video_pad|>", "")
+    expected = prompt_text(processor, TASK, ClipInput(frames(), list(TIMES), 4.0))
+    assert prompt.replace("<|video_pad|>", "") == expected.replace("<|video_pad|>", "")
     assert prompt.endswith("<|im_start|>assistant\n")
     assert example["attention_mask"].all()
 
@@ -118,7 +125,7 @@ def test_sampled_fps() -> None:
 )
 def test_video_tokens_follow_frame_size_without_upscaling(processor, k: int, height: int, width: int, tokens: int):
     times = [i * 0.5 for i in range(k)]
-    example = encode_training_example(processor, frames(k, height, width), times, 4.0, ANSWER)
+    example = clip_example(processor, frames(k, height, width), times, 4.0, ANSWER)
     assert example["video_grid_thw"].tolist() == [[k // 2, height // 14, width // 14]]
     assert int((example["input_ids"] == processor.video_token_id).sum()) == tokens
     # Every video token stands for 2x2 merged patches of 2 frames x 14 x 14 pixels x 3 channels.
@@ -130,8 +137,8 @@ def test_video_tokens_follow_frame_size_without_upscaling(processor, k: int, hei
 @pytest.fixture(scope="module")
 def two_examples(processor) -> list[dict]:
     """Different video sizes and answer lengths, so padding and patch concatenation both matter."""
-    short = encode_training_example(processor, frames(4, 56, 56, seed=1), TIMES, 4.0, target_text("Null", 0, 4, "Null"))
-    long = encode_training_example(processor, frames(4, 84, 56, seed=2), (0.0, 0.5, 1.0, 1.5), 2.0, ANSWER)
+    short = clip_example(processor, frames(4, 56, 56, seed=1), TIMES, 4.0, target_text("Null", 0, 4, "Null"))
+    long = clip_example(processor, frames(4, 84, 56, seed=2), (0.0, 0.5, 1.0, 1.5), 2.0, ANSWER)
     assert short["input_ids"].shape[1] < long["input_ids"].shape[1]
     return [short, long]
 

@@ -18,7 +18,7 @@ import torch
 from opsvlm.model import build, tiny
 from opsvlm.model.build import LoraSettings, ModelConfig
 from opsvlm.model.plan import LORA_TARGET_PRESETS
-from opsvlm.tasks.operations import target_text
+from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
 from opsvlm.train.config import OptimSettings, ScalingSettings, TrainConfig
 from opsvlm.train.examples import collate, encode_training_example
 from opsvlm.train.loop import _deepspeed_config
@@ -43,7 +43,10 @@ def batch(tiny_dir: str) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(0)
     examples = [
         encode_training_example(
-            processor, rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), (0.0, 1.3, 2.6, 3.9), 4.0, target_text(*c)
+            processor,
+            OperationsTask(),
+            ClipInput(rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8), [0.0, 1.3, 2.6, 3.9], 4.0),
+            target_text(*c),
         )
         for c in CLIPS
     ]
