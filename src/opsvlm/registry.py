@@ -7,8 +7,9 @@ quantization, sampling spec, label set, processor path, the evaluation split and
 ``metric.<name>``. Two aliases matter:
 
 * ``challenger``: the most recently registered version;
-* ``champion``: the version serving loads (``models:/opsvlm@champion``). It moves only to a version whose
-  ``metric.weighted_score`` is strictly higher on the same evaluation split, or when forced (recorded as a tag).
+* ``champion``: the version serving loads (``models:/opsvlm@champion``). It moves only to a version whose score
+  is strictly higher on the same evaluation split of the same task, or when forced (recorded as a tag). The score is
+  the task's headline metric (``metric.weighted_score`` for operations, ``metric.macro_f1`` for inspection).
 
 Versions are never deleted. Imports mlflow lazily.
 """
@@ -36,7 +37,6 @@ DEFAULT_NAME = "opsvlm"
 CHECKPOINT_ARTIFACT = "checkpoint"  # artifact path of the final checkpoint in a training run (train/loop.py: fit)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-SCORE = "weighted_score"
 METRIC_PREFIX = "metric."
 EVAL_SPLIT_TAG = "opsvlm.eval_split"  # set on evaluation runs (evaluate/run.py)
 TRAIN_RUN_TAG = "opsvlm.train_run_id"
@@ -83,16 +83,25 @@ class EvalResult:
     """Evaluation metrics as promotion consumes them.
 
     Attributes:
-        metrics: Metric name -> value (must include ``weighted_score``).
+        metrics: Metric name -> value (must include the task's headline metric, see :func:`score_metric`).
         eval_split: Identifier of the exact clip set scored (``<split>:<hash>``).
         eval_run_id: The evaluation run (``None`` if unknown).
         train_run_id: The training run that was evaluated (``None`` if unknown).
+        task: The task the model was evaluated on.
     """
 
     metrics: dict[str, float]
     eval_split: str
     eval_run_id: str | None = None
     train_run_id: str | None = None
+    task: str = "operations"
+
+
+def score_metric(task: str) -> str:
+    """The metric promotion compares for a task (its headline metric; higher is better)."""
+    from opsvlm.tasks.base import get_task
+
+    return get_task(task).headline_metric
 
 
 # --- references ------------------------------------------------------------------------------------------------------
@@ -242,7 +251,8 @@ def register_version(
     Args:
         run_id: The training run; its ``checkpoint`` artifacts become the version (``runs:/<run_id>/checkpoint``).
         name: Registered model name (created if missing).
-        metrics: The evaluation metrics, tagged as ``metric.<name>``; ``weighted_score`` is what promotion compares.
+        metrics: The evaluation metrics, tagged as ``metric.<name>``; the task's headline metric is what promotion
+            compares.
         eval_split: Identifier of the clip set the metrics were computed on.
         eval_run_id: The evaluation run, if any.
         tracking_uri: MLflow tracking (and registry) URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
@@ -291,12 +301,12 @@ def register_version(
 
 
 def promote(name: str, version: int | str, *, force: bool = False, tracking_uri: str | None = None) -> Decision:
-    """Move ``champion`` to ``version`` if its weighted score beats the champion's on the same split.
+    """Move ``champion`` to ``version`` if its score beats the champion's on the same split.
 
-    Promotes when there is no champion, when the version's ``metric.weighted_score`` is strictly higher than the
-    champion's on the same ``eval_split``, or when ``force`` is set. Scores on different splits are not comparable:
-    the champion is kept (unless forced). The decision is recorded on the version as ``promotion.*`` tags; no version
-    is ever deleted.
+    Promotes when there is no champion, when the version's score (``metric.<task headline>``) is strictly higher than
+    the champion's on the same ``eval_split`` and task, or when ``force`` is set. Scores on different splits or of
+    different tasks are not comparable: the champion is kept (unless forced). The decision is recorded on the version
+    as ``promotion.*`` tags; no version is ever deleted.
 
     Args:
         name: Registered model name.
@@ -311,6 +321,8 @@ def promote(name: str, version: int | str, *, force: bool = False, tracking_uri:
     client = _client(resolve_tracking_uri(tracking_uri or ""))
     challenger = _get_version(client, name, None, str(version), f"models:/{name}/{version}")
     number, score, split = int(challenger.version), _score(challenger), challenger.tags.get("eval_split", "")
+    task = challenger.tags.get("task", "operations")
+    metric = score_metric(task)
     champion = _get_alias(client, name, CHAMPION)
     previous = int(champion.version) if champion is not None else None
     champion_score = _score(champion) if champion is not None else None
@@ -318,9 +330,12 @@ def promote(name: str, version: int | str, *, force: bool = False, tracking_uri:
     if previous == number:
         return Decision(False, False, number, previous, score, champion_score, f"v{number} is already the champion")
     if champion is None:
-        promoted, reason = True, f"{SCORE} {_fmt(score)}, no champion yet (split {split or '?'})"
+        promoted, reason = True, f"{metric} {_fmt(score)}, no champion yet (split {split or '?'})"
     elif score is None:
-        promoted, reason = False, f"challenger v{number} has no {METRIC_PREFIX}{SCORE}"
+        promoted, reason = False, f"challenger v{number} has no {METRIC_PREFIX}{metric}"
+    elif champion.tags.get("task", "operations") != task:
+        promoted = False
+        reason = f"challenger v{number} is a {task} model but champion v{previous} a {champion.tags.get('task')} one"
     elif champion.tags.get("eval_split", "") != split:
         promoted = False
         reason = (
@@ -328,10 +343,10 @@ def promote(name: str, version: int | str, *, force: bool = False, tracking_uri:
             f"{_fmt(champion_score)} on split {champion.tags.get('eval_split') or '?'}: not comparable"
         )
     elif champion_score is None:
-        promoted, reason = False, f"champion v{previous} has no {METRIC_PREFIX}{SCORE} to compare with"
+        promoted, reason = False, f"champion v{previous} has no {METRIC_PREFIX}{metric} to compare with"
     elif score > champion_score:
         new, old = _fmt_pair(score, champion_score)
-        promoted, reason = True, f"{SCORE} {new} > champion v{previous} {old} (split {split})"
+        promoted, reason = True, f"{metric} {new} > champion v{previous} {old} (split {split})"
     else:
         new, old = _fmt_pair(score, champion_score)
         promoted, reason = False, f"challenger v{number} {new} <= {old} (split {split})"
@@ -355,8 +370,9 @@ def read_eval(source: str, tracking_uri: str | None = None) -> EvalResult:
     """Evaluation metrics from an evaluation run id or a summary JSON file (``jobs/evaluate.py --summary``).
 
     Args:
-        source: A JSON file ``{"metrics": {...}, "eval_split": "...", "eval_run_id": "...", "train_run_id": ...}``
-            or an evaluation run id (its metrics, minus ``baseline/*``, and its ``opsvlm.eval_split`` tag).
+        source: A JSON file ``{"metrics": {...}, "eval_split": "...", "eval_run_id": "...", "train_run_id": ...,
+            "task": ...}`` or an evaluation run id (its metrics, minus ``baseline/*``, and its ``opsvlm.eval_split``
+            and ``opsvlm.task`` tags).
         tracking_uri: MLflow tracking URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
 
     Raises:
@@ -370,6 +386,7 @@ def read_eval(source: str, tracking_uri: str | None = None) -> EvalResult:
             eval_split=data.get("eval_split") or "",
             eval_run_id=data.get("eval_run_id") or None,
             train_run_id=data.get("train_run_id") or None,
+            task=data.get("task") or "operations",
         )
     elif _RUN_ID.fullmatch(source):
         run = _get_run(source, source, resolve_tracking_uri(tracking_uri or ""))
@@ -378,13 +395,15 @@ def read_eval(source: str, tracking_uri: str | None = None) -> EvalResult:
             eval_split=run.data.tags.get(EVAL_SPLIT_TAG, ""),
             eval_run_id=source,
             train_run_id=run.data.tags.get(TRAIN_RUN_TAG) or None,
+            task=run.data.tags.get("opsvlm.task") or "operations",
         )
     else:
         raise ValueError(f"{source!r} is neither an eval summary JSON file nor an evaluation run id")
     if not result.eval_split:
         raise ValueError(f"{source}: no eval split recorded (need it to compare with the champion)")
-    if SCORE not in result.metrics:
-        raise ValueError(f"{source}: no {SCORE} among the metrics {sorted(result.metrics)}")
+    metric = score_metric(result.task)
+    if metric not in result.metrics:
+        raise ValueError(f"{source}: no {metric} among the metrics {sorted(result.metrics)}")
     return result
 
 
@@ -427,7 +446,7 @@ def _get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | No
 
 
 def _score(version: ModelVersion) -> float | None:
-    value = version.tags.get(f"{METRIC_PREFIX}{SCORE}")
+    value = version.tags.get(f"{METRIC_PREFIX}{score_metric(version.tags.get('task', 'operations'))}")
     if value is None:
         return None
     score = float(value)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 
 from opsvlm.data.pipeline import CLIP_SCHEMA
-from opsvlm.inference import ClipInput, Predictor
+from opsvlm.inference import Predictor
 from opsvlm.video.sampling import SamplingSpec
 
 TRUTH_COLUMNS = (
@@ -40,35 +39,55 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
+ANSWER_SCHEMA = pa.schema(
+    [("example_id", pa.string()), ("valid", pa.bool_()), ("answer", pa.string()), ("text", pa.string())]
+)
+
+
 class PredictBatch:
-    """Ray Data callable class: holds one Predictor; clip rows in, prediction rows out (frames dropped).
+    """Ray Data callable class: holds one Predictor; prepared rows in, prediction rows out (pixels dropped).
+
+    For the operations task the output has ``PREDICTION_SCHEMA`` (what its baselines read); for any other task
+    ``ANSWER_SCHEMA``: the row id, whether the answer is valid, the answer as JSON (``answer.to_dict()``) and the text.
 
     Args:
         model_dir: An opsvlm checkpoint directory, or ``None`` with ``base_model`` for the zero-shot baseline.
         base_model: Base model source for the zero-shot baseline.
         spec: SamplingSpec for the zero-shot baseline (a checkpoint carries its own).
         constrained: Constrained (default) or free generation.
+        task: Task of the zero-shot baseline (a checkpoint names its own).
     """
 
     def __init__(
-        self, model_dir: str | None, base_model: str | None = None, spec: dict | None = None, constrained: bool = True
+        self,
+        model_dir: str | None,
+        base_model: str | None = None,
+        spec: dict | None = None,
+        constrained: bool = True,
+        task: str = "operations",
     ):
         if model_dir:
             self.predictor = Predictor.from_checkpoint(model_dir, constrained=constrained)
         else:
-            self.predictor = Predictor.from_base(base_model, SamplingSpec(**spec), constrained=constrained)
+            self.predictor = Predictor.from_base(base_model, SamplingSpec(**spec), constrained=constrained, task=task)
+        self.task = self.predictor.task
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        clips = [
-            ClipInput(
-                np.frombuffer(r["frames"], np.uint8).reshape(tuple(r["frame_shape"])),
-                r["frame_times_s"],
-                r["end_s"] - r["start_s"],
+        predictions = self.predictor.predict([self.task.input_of(r) for r in rows])
+        if self.task.name != "operations":
+            return pa.Table.from_pylist(
+                [
+                    {
+                        "example_id": row[self.task.id_field],
+                        "valid": answer is not None,
+                        "answer": json.dumps(answer.to_dict()) if answer is not None else None,
+                        "text": answer.text if answer is not None else "",
+                    }
+                    for row, answer in zip(rows, predictions, strict=True)
+                ],
+                schema=ANSWER_SCHEMA,
             )
-            for r in rows
-        ]
-        predictions = self.predictor.predict(clips)
         out = []
         for row, prediction in zip(rows, predictions, strict=True):
             record = {key: row[key] for key in TRUTH_COLUMNS}
@@ -91,26 +110,28 @@ def predict_dataset(
     base_model: str | None = None,
     spec: SamplingSpec | None = None,
     constrained: bool = True,
+    task: str = "operations",
     batch_size: int = 8,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
 ):
-    """Predictions for every clip of a Ray Dataset of prepared clip rows.
+    """Predictions for every row of a Ray Dataset of prepared rows (clips, or another task's examples).
 
     Args:
-        dataset: Ray Dataset with the prepared clip schema (``opsvlm.data.pipeline.CLIP_SCHEMA``).
+        dataset: Ray Dataset of prepared rows (e.g. ``opsvlm.data.pipeline.CLIP_SCHEMA``).
         model_dir: Checkpoint directory (fine-tuned model), or ``None`` with ``base_model`` and ``spec``.
         base_model: Base model for the zero-shot baseline.
         spec: Its sampling spec.
         constrained: Constrained decoding (default) or free generation.
+        task: Task of the zero-shot baseline (a checkpoint names its own).
         batch_size: Clips per ``generate`` call.
         actors: Actor-pool size (one model each).
         cpus_per_actor: CPUs per actor (fractions let an actor share a small machine with Ray Data).
         gpus_per_actor: GPUs per actor.
 
     Returns:
-        A Ray Dataset with ``PREDICTION_SCHEMA`` rows.
+        A Ray Dataset with ``PREDICTION_SCHEMA`` rows (operations) or ``ANSWER_SCHEMA`` rows (other tasks).
     """
     return dataset.map_batches(
         PredictBatch,
@@ -119,6 +140,7 @@ def predict_dataset(
             "base_model": base_model,
             "spec": vars(spec) if spec is not None else None,
             "constrained": constrained,
+            "task": task,
         },
         batch_size=batch_size,
         batch_format="pyarrow",

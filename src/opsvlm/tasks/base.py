@@ -32,6 +32,8 @@ class Task(ABC):
         labels: The label set of the answer's label slots.
         label_slots: ``{slot index: answer field}`` for the slots that choose a label from ``labels``.
         headline_metric: The metric model promotion compares (higher is better).
+        id_field: The prepared rows' unique id column.
+        rows_dir: Folder of the prepared rows inside a prepared dataset (``<rows_dir>/split=<split>/*.parquet``).
     """
 
     name: ClassVar[str]
@@ -39,6 +41,8 @@ class Task(ABC):
     labels: ClassVar[tuple[str, ...]]
     label_slots: ClassVar[dict[int, str]]
     headline_metric: ClassVar[str]
+    id_field: ClassVar[str] = "example_id"
+    rows_dir: ClassVar[str] = "examples"
 
     # --- prompt and target ------------------------------------------------------------------------------------
 

@@ -233,6 +233,8 @@ class OperationsTask(Task):
     labels = LABEL_NAMES
     label_slots: ClassVar[dict[int, str]] = {1: "operation", 7: "next_operation"}
     headline_metric = "weighted_score"
+    id_field = "clip_id"
+    rows_dir = "clips"
 
     def instruction(self, example: ClipInput) -> str:
         return instruction(example.clip_length_s, example.frame_times_s)

@@ -341,10 +341,11 @@ class TrainResult:
 
 
 def load_split(prepared: str | Path, split: str, limit: int | None = None):
-    """A Ray Dataset of the decoded clips of one split of a prepared folder (rows with ``status == ok``)."""
+    """A Ray Dataset of the prepared rows of one split (decoded clips, or the rows of another task: the manifest's
+    ``rows_dir``)."""
     import ray.data
 
-    path = Path(prepared) / "clips" / f"split={split}"
+    path = Path(prepared) / read_manifest(prepared).get("rows_dir", "clips") / f"split={split}"
     if not path.is_dir() or not any(path.glob("*.parquet")):
         return None
     dataset = ray.data.read_parquet(str(path))
