@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from opsvlm.evaluate.metrics import (
     compute_metrics,
     confusion_matrices,
 )
+from opsvlm.tasks.base import Task, get_task
 from opsvlm.tasks.operations import LABEL_NAMES
 from opsvlm.train.config import TrackingSettings
 
@@ -118,12 +121,21 @@ def split_id(split: str, clip_ids) -> str:
     return f"{split}:{digest}"
 
 
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    """A fixed-width text table: one row per system, one column per headline metric."""
-    header = f"{'system':<26}" + "".join(f"{m:>22}" for m in TABLE_METRICS)
+def format_table(table: dict[str, dict[str, float]], metrics: Sequence[str] | None = None) -> str:
+    """A fixed-width text table: one row per system, one column per headline metric.
+
+    Args:
+        table: ``{system: {metric: value}}``.
+        metrics: Columns; default: ``TABLE_METRICS`` for the operations task, else every metric without a ``/``
+            (per-class and per-group metrics stay out).
+    """
+    if metrics is None:
+        first = next(iter(table.values()), {})
+        metrics = TABLE_METRICS if "weighted_score" in first else [m for m in first if "/" not in m]
+    header = f"{'system':<30}" + "".join(f"{m:>22}" for m in metrics)
     lines = [header, "-" * len(header)]
-    for system, metrics in table.items():
-        lines.append(f"{system:<26}" + "".join(f"{metrics.get(m, float('nan')):>22.3f}" for m in TABLE_METRICS))
+    for system, values in table.items():
+        lines.append(f"{system:<30}" + "".join(f"{values.get(m, float('nan')):>22.3f}" for m in metrics))
     return "\n".join(lines)
 
 
@@ -202,6 +214,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
     described = registry.describe_model(config.model, tracking_uri)
     meta = read_model_meta(model_dir)
     manifest = read_manifest(config.data)
+    task_name = meta.get("task", "operations")
+    if manifest.get("task", "operations") != task_name:
+        raise ValueError(f"{config.data} holds {manifest.get('task', 'operations')} data but the model is {task_name}")
     if manifest["sampling_spec"] != meta["sampling_spec"]:
         raise ValueError(
             f"{config.data} was prepared with sampling spec {manifest['sampling_spec']} but the model was trained "
@@ -209,7 +224,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         )
     dataset = load_split(config.data, config.split, config.max_clips)
     if dataset is None:
-        raise ValueError(f"{config.data}: split {config.split!r} has no clips")
+        raise ValueError(f"{config.data}: split {config.split!r} has no examples")
     dataset = dataset.materialize()
     common = {
         "batch_size": config.batch_size,
@@ -217,6 +232,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
         "cpus_per_actor": config.cpus_per_actor,
         "gpus_per_actor": config.gpus_per_actor,
     }
+    if task_name != "operations":
+        return _evaluate_task(config, get_task(task_name), model_dir, described, meta, dataset, common, tracking_uri)
 
     # 1. the model, constrained
     rows = sorted(predict_dataset(dataset, model_dir, **common).take_all(), key=lambda r: r["clip_id"])
@@ -252,6 +269,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     train_run_id = described.get("run_id", "")
     experiment_id = ensure_experiment(config.tracking.experiment, tracking_uri)
     tags = {"opsvlm.job": "evaluate", "opsvlm.eval_split": eval_split, "opsvlm.model_ref": config.model}
+    tags["opsvlm.task"] = task_name
     if train_run_id:
         tags.update({"mlflow.parentRunId": train_run_id, "opsvlm.train_run_id": train_run_id})
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.tracking.run_name or None, tags=tags) as run:
@@ -309,7 +327,96 @@ def evaluate(config: EvalConfig) -> EvalResult:
                 "eval_split": eval_split,
                 "eval_run_id": run.info.run_id,
                 "train_run_id": train_run_id,
+                "task": task_name,
             },
             "eval_summary.json",
         )
+    return EvalResult(run.info.run_id, train_run_id, metrics, table, eval_split)
+
+
+def _label_rows(dataset) -> list[dict]:
+    """Every row of a Ray Dataset without its pixel columns (binary), sorted by nothing: in dataset order."""
+    import pyarrow as pa
+
+    schema = dataset.schema()
+    keep = [name for name, kind in zip(schema.names, schema.types, strict=True) if kind not in (pa.binary(), bytes)]
+    return dataset.select_columns(keep).take_all()
+
+
+def _evaluate_task(config: EvalConfig, task: Task, model_dir, described, meta, dataset, common, tracking_uri):
+    """Evaluation of a task other than operations: the model, the majority class and the zero-shot base side by side,
+    scored with the task's own metrics, in one MLflow run linked to the training run."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from opsvlm.evaluate.batch import ANSWER_SCHEMA, predict_dataset
+    from opsvlm.tracking import ensure_experiment
+    from opsvlm.train.loop import label_rows
+    from opsvlm.video.sampling import SamplingSpec
+
+    id_field = task.id_field
+    rows = sorted(_label_rows(dataset), key=lambda r: r[id_field])
+
+    def answers_of(predictions) -> list[dict | None]:
+        by_id = {p["example_id"]: p for p in predictions}
+        return [json.loads(by_id[r[id_field]]["answer"]) if by_id[r[id_field]]["valid"] else None for r in rows]
+
+    predictions = predict_dataset(dataset, model_dir, **common).take_all()
+    metrics = task.compute_metrics(rows, answers_of(predictions))
+    table = {"fine-tuned": metrics}
+
+    # majority class of the training split: every example gets the most frequent training class
+    train = label_rows(config.data, "train", task)
+    if train:
+        counts = Counter(task.class_of(r) for r in train)
+        field_name = next(iter(task.label_slots.values()))
+        majority = counts.most_common(1)[0][0]
+        table["majority"] = task.compute_metrics(rows, [{field_name: majority} for _ in rows])
+    if config.zero_shot:
+        spec = SamplingSpec(**meta["sampling_spec"])
+        zero = predict_dataset(dataset, None, base_model=meta["base_model"], spec=spec, task=task.name, **common)
+        table["zero-shot base"] = task.compute_metrics(rows, answers_of(zero.take_all()))
+    if config.free_generation:
+        free = predict_dataset(dataset, model_dir, constrained=False, **common)
+        table["fine-tuned, free generation"] = task.compute_metrics(rows, answers_of(free.take_all()))
+
+    eval_split = split_id(config.split, [r[id_field] for r in rows])
+    train_run_id = described.get("run_id", "")
+    experiment_id = ensure_experiment(config.tracking.experiment, tracking_uri)
+    tags = {
+        "opsvlm.job": "evaluate",
+        "opsvlm.task": task.name,
+        "opsvlm.eval_split": eval_split,
+        "opsvlm.model_ref": config.model,
+    }
+    if train_run_id:
+        tags.update({"mlflow.parentRunId": train_run_id, "opsvlm.train_run_id": train_run_id})
+    headline = [m for m in metrics if "/" not in m]  # per-class and per-group metrics stay out of the table
+    with mlflow.start_run(experiment_id=experiment_id, run_name=config.tracking.run_name or None, tags=tags) as run:
+        mlflow.log_params({"split": config.split, "examples": len(rows), "model": config.model, "task": task.name})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+        for system, values in table.items():
+            if system != "fine-tuned":
+                key = system.replace(" ", "_").replace(",", "")
+                mlflow.log_metrics({f"baseline/{key}/{m}": values[m] for m in headline if np.isfinite(values[m])})
+        mlflow.log_table(
+            {"system": list(table), **{m: [table[s][m] for s in table] for m in headline}}, "baselines.json"
+        )
+        text = format_table(table, headline)
+        mlflow.log_text(text, "baselines.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(config.out) if config.out else Path(tmp) / "predictions"
+            out.mkdir(parents=True, exist_ok=True)
+            import pyarrow as pa
+
+            pq.write_table(pa.Table.from_pylist(predictions, schema=ANSWER_SCHEMA), out / "predictions.parquet")
+            mlflow.log_artifact(str(out / "predictions.parquet"), "predictions")
+        summary = {
+            "metrics": metrics,
+            "eval_split": eval_split,
+            "eval_run_id": run.info.run_id,
+            "train_run_id": train_run_id,
+            "task": task.name,
+        }
+        mlflow.log_dict(summary, "eval_summary.json")
     return EvalResult(run.info.run_id, train_run_id, metrics, table, eval_split)

@@ -24,6 +24,11 @@ class DataSettings:
             datasets larger than memory.
         shuffle_buffer: Rows in each worker's local shuffle buffer, reseeded every epoch. Shards hold clips in
             session order, and batches of consecutive, overlapping clips from one session train badly.
+        class_weighting: Class-weighted loss against class imbalance: ``none`` (the model's own loss),
+            ``inverse_frequency`` or ``sqrt_inverse`` (weights from the training split's class counts, mean 1;
+            see ``opsvlm.train.weighting``). The task says what a row's class is.
+        oversample_power: Oversampling of rare classes, in [0, 1]: 0 = off; otherwise each row is repeated
+            ``round((n_max / n_class) ** power)`` times per epoch (1 evens the classes out).
     """
 
     prepared: str = ""
@@ -33,6 +38,17 @@ class DataSettings:
     max_val_clips: int | None = None
     materialize: bool = True
     shuffle_buffer: int = 256
+    class_weighting: str = "none"
+    oversample_power: float = 0.0
+
+    def __post_init__(self) -> None:
+        from opsvlm.train.weighting import WEIGHT_SCHEMES
+
+        if self.class_weighting not in WEIGHT_SCHEMES:
+            choices = list(WEIGHT_SCHEMES)
+            raise ValueError(f"data.class_weighting must be one of {choices}, got {self.class_weighting!r}")
+        if not 0 <= self.oversample_power <= 1:
+            raise ValueError(f"data.oversample_power must be in [0, 1], got {self.oversample_power}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import os
 import signal
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ import torch
 
 from opsvlm.config import from_dict, to_dict
 from opsvlm.model import build
-from opsvlm.tasks.operations import LABEL_NAMES
+from opsvlm.tasks.base import get_task
 from opsvlm.train import checkpoint as ckpt
 from opsvlm.train.config import TrainConfig
 from opsvlm.train.examples import collate, encode_row
+from opsvlm.train.weighting import class_weights as weights_for_classes
+from opsvlm.train.weighting import oversampling_factors, weighted_answer_loss
 from opsvlm.video.sampling import SamplingSpec
 
-TASK_NAME = "openpack-operations"
 # planner GPU names -> Ray accelerator types (ray.util.accelerators)
 ACCELERATOR_TYPES = {
     "T4": "T4",
@@ -104,6 +106,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = from_dict(TrainConfig, loop_config["config"])
     spec = SamplingSpec(**loop_config["sampling_spec"])
+    task = get_task(loop_config["task"])
+    class_weights = loop_config.get("class_weights")  # None: the model's own (unweighted) loss
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # DeepSpeed insists on it
@@ -181,8 +185,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     quantization=config.model.quantization,
                     compute_dtype=report["compute_dtype"],
                     spec=spec,
-                    labels=list(LABEL_NAMES),
-                    task=TASK_NAME,
+                    labels=list(task.labels),
+                    task=task.name,
                     step=step,
                     config=to_dict(config),
                 )
@@ -214,15 +218,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for micro_index, rows in enumerate(batches):
             if micro_index < batches_done * optim.grad_accum:
                 continue  # consumed before the checkpoint we resumed from: not redone
-            batch = _to_device(collate([encode_row(processor, r) for r in rows], pad_id), device)
+            batch = _to_device(collate([encode_row(processor, r, task) for r in rows], pad_id), device)
+            weights = None
+            if class_weights is not None:
+                weights = torch.tensor([class_weights[task.class_of(r)] for r in rows], device=device)
             boundary = micro_in_step + 1 == optim.grad_accum
             with _autocast(device, compute_dtype):
                 if engine is None and world > 1 and not boundary:
                     with trained.no_sync():  # accumulate locally; all-reduce once per optimizer step
-                        loss = trained(**batch, use_cache=False).loss
+                        loss = _loss(trained, batch, weights)
                         (loss / optim.grad_accum).backward()
                 else:
-                    loss = trained(**batch, use_cache=False).loss
+                    loss = _loss(trained, batch, weights)
                     if engine is not None:
                         engine.backward(loss)
                     else:
@@ -269,7 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step >= total_steps:
                 finished = True
                 break
-        val_loss = _validation_loss(trained, val_shard, processor, device, compute_dtype, loop_config)
+        val_loss = _validation_loss(trained, val_shard, processor, task, device, compute_dtype, loop_config)
         if mlflow is not None and val_loss is not None:
             mlflow.log_metric("val_loss", val_loss, step=step)
         epoch += 1
@@ -285,7 +292,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 @torch.no_grad()
-def _validation_loss(model, shard, processor, device, dtype, loop_config) -> float | None:
+def _loss(model, batch: dict, weights: torch.Tensor | None) -> torch.Tensor:
+    """The model's answer loss, or the class-weighted mean of per-example answer losses when weights are given."""
+    outputs = model(**batch, use_cache=False)
+    if weights is None:
+        return outputs.loss
+    return weighted_answer_loss(outputs.logits, batch["labels"], weights)
+
+
+def _validation_loss(model, shard, processor, task, device, dtype, loop_config) -> float | None:
     """Mean per-token loss over the validation split, summed across all workers."""
     if shard is None:
         return None
@@ -293,7 +308,7 @@ def _validation_loss(model, shard, processor, device, dtype, loop_config) -> flo
     total = torch.zeros(2, dtype=torch.float64)
     pad_id = processor.tokenizer.pad_token_id
     for rows in _batches(shard, 1, loop_config["val_rows_per_worker"]):
-        batch = _to_device(collate([encode_row(processor, r) for r in rows], pad_id), device)
+        batch = _to_device(collate([encode_row(processor, r, task) for r in rows], pad_id), device)
         with _autocast(device, dtype):
             loss = model(**batch, use_cache=False).loss
         tokens = int((batch["labels"] != -100).sum())
@@ -352,6 +367,19 @@ def load_split(prepared: str | Path, split: str, limit: int | None = None):
     return dataset.limit(limit) if limit is not None else dataset
 
 
+def label_rows(prepared: str | Path, split: str, task) -> list[dict]:
+    """The rows of a split without their pixel (binary) columns, read with pyarrow: what class counts and baselines
+    need, without decoding anything."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(prepared) / task.rows_dir / f"split={split}").glob("*.parquet"))
+    if not files:
+        return []
+    columns = [f.name for f in pq.read_schema(files[0]) if f.type not in (pa.binary(), pa.large_binary())]
+    return pq.ParquetDataset(files).read(columns=columns).to_pylist()
+
+
 def read_manifest(prepared: str | Path) -> dict:
     path = Path(prepared) / "manifest.json"
     if not path.is_file():
@@ -379,10 +407,22 @@ def fit(config: TrainConfig, extra_artifacts: dict[str, Any] | None = None) -> T
 
     manifest = read_manifest(config.data.prepared)
     spec = SamplingSpec(**manifest["sampling_spec"])
+    task = get_task(manifest.get("task", "operations"))
     train_ds = load_split(config.data.prepared, config.data.train_split, config.data.max_train_clips)
     if train_ds is None:
-        raise ValueError(f"{config.data.prepared}: split {config.data.train_split!r} has no clips")
+        raise ValueError(f"{config.data.prepared}: split {config.data.train_split!r} has no rows")
     val_ds = load_split(config.data.prepared, config.data.val_split, config.data.max_val_clips)
+
+    # class imbalance: per-class loss weights and/or oversampling, from the training split's class counts
+    class_counts = Counter(task.class_of(r) for r in label_rows(config.data.prepared, config.data.train_split, task))
+    class_weights = None
+    if config.data.class_weighting != "none":
+        class_weights = weights_for_classes(class_counts, config.data.class_weighting)
+    if config.data.oversample_power > 0:
+        factors = oversampling_factors(class_counts, config.data.oversample_power)
+        # whole copies per row (a factor of 2.6 repeats a row 3 times): deterministic, and every row stays in
+        repeats = {label: max(1, round(factor)) for label, factor in factors.items()}
+        train_ds = train_ds.flat_map(lambda row: [row] * repeats.get(task.class_of(row), 1))
     if config.data.materialize:
         train_ds = train_ds.random_shuffle(seed=config.seed).materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
@@ -390,21 +430,22 @@ def fit(config: TrainConfig, extra_artifacts: dict[str, Any] | None = None) -> T
     train_rows = train_ds.count()
     val_rows = val_ds.count() if val_ds is not None else 0
     if train_rows < workers:
-        raise ValueError(f"{train_rows} training clips cannot feed {workers} workers")
+        raise ValueError(f"{train_rows} training rows cannot feed {workers} workers")
 
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     experiment_id = ensure_experiment(config.tracking.experiment, tracking_uri)
     storage = Path(config.storage_path or "outputs/ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.tracking.run_name or None) as run:
-        mlflow.set_tags({"opsvlm.job": "train", "opsvlm.task": TASK_NAME, "opsvlm.base_model": config.model.name})
+        mlflow.set_tags({"opsvlm.job": "train", "opsvlm.task": task.name, "opsvlm.base_model": config.model.name})
         mlflow.log_params(config_params(to_dict(config)))
-        mlflow.log_params({"data.train_clips": train_rows, "data.val_clips": val_rows})
+        mlflow.log_params({"data.train_clips": train_rows, "data.val_clips": val_rows, "task": task.name})
+        mlflow.log_dict({"class_counts": dict(class_counts), "class_weights": class_weights}, "class_balance.json")
         mlflow.log_dict(asdict(spec), "sampling_spec.json")
         mlflow.log_dict(to_dict(config), "train_config.json")
         for name, value in (extra_artifacts or {}).items():
             mlflow.log_dict(value, name)
-        _log_contact_sheet(train_ds)
+        _log_contact_sheet(train_ds, task)
         run_id = run.info.run_id
 
     name = f"train-{run_id}"
@@ -415,6 +456,8 @@ def fit(config: TrainConfig, extra_artifacts: dict[str, Any] | None = None) -> T
             "run_id": run_id,
             "tracking_uri": tracking_uri,
             "sampling_spec": asdict(spec),
+            "task": task.name,
+            "class_weights": class_weights,
             # streaming_split(equal=True) gives every worker the same number of rows (DDP needs equal steps)
             "rows_per_worker": train_rows // workers,
             "val_rows_per_worker": val_rows // workers,
@@ -451,20 +494,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _log_contact_sheet(dataset, clips: int = 4) -> None:
+def _log_contact_sheet(dataset, task, examples: int = 4) -> None:
+    """A picture of what the model sees for a few training rows, captioned with their target."""
     import mlflow
-    import numpy as np
 
     from opsvlm.viz import contact_sheet
 
-    rows = dataset.take(clips)
-    sheet = contact_sheet(
-        [
-            (
-                np.frombuffer(r["frames"], np.uint8).reshape(tuple(r["frame_shape"])),
-                f"{r['clip_id']}: {r['dominant_operation']} -> {r['next_operation']}",
-            )
-            for r in rows
-        ]
-    )
-    mlflow.log_image(sheet, "contact_sheet.png")
+    sheet = []
+    for row in dataset.take(examples):
+        example = task.input_of(row)
+        pixels = example.frames if task.media == "video" else example.image[None]  # uint8[K, H, W, 3]
+        sheet.append((pixels, f"{row[task.id_field]}: {task.target_of(row)}"))
+    mlflow.log_image(contact_sheet(sheet), "contact_sheet.png")
