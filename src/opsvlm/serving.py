@@ -7,7 +7,8 @@ deployments; :class:`LocalBackend` does it in-process.
 API (``create_app``):
 
 * ``GET /health``: ``{"status": "ok", "model_version": ...}``; 503 when the model cannot be reached.
-* ``GET /status``: model name/version/run, sampling spec, label set, limits, replicas (where the backend knows).
+* ``GET /status``: model name/version/run, task, sampling spec, label set, limits, replicas (where the backend
+  knows).
 * ``GET /docs``: OpenAPI UI (``/openapi.json`` for the schema).
 * ``POST /predict``: ``multipart/form-data`` with a ``file`` part (MP4/AVI/MOV/MKV) and optional ``start_s`` /
   ``end_s`` fields, or ``application/json`` ``{"path": ..., "start_s": ..., "end_s": ...}`` naming a file under the
@@ -19,6 +20,14 @@ API (``create_app``):
   parts and an optional ``clips`` field (JSON list of ``{"file": <index>, "start_s", "end_s"}``; default one
   whole-video clip per file). Answers ``{"results": [...], "latency_ms"}`` with one entry per clip, in order:
   ``{"index", "status": 200, "prediction": {...}}`` or ``{"index", "status": 4xx/5xx, "error", "detail"}``.
+
+* ``POST /predict_objects`` (inspection models): ``multipart/form-data`` with a ``file`` part (JPEG/PNG/BMP/WebP
+  image) and a ``detections`` field, or ``application/json`` ``{"path": ..., "detections": [...]}`` naming an image
+  under the allowed root. ``detections`` is the stage-1 detector's output: a JSON list of
+  ``{"label": <object type>, "box": [x1, y1, x2, y2], "normalized": true|false, "score": ...}``. Every detection is
+  classified in turn, with the others as its spatial context; answers ``{"objects": [{"index", "label", "box",
+  "score", "condition", "object_type", "condition_kind", "confidence", "scores"}, ...], "image": {"width",
+  "height"}, "model_version", "latency_ms"}``. A model of the other task answers 409 on each task's endpoint.
 
 Bad input never takes the server down: every problem becomes a :class:`ServingError` (status code, a short
 machine-readable ``error`` code and a ``detail`` message naming the problem). Status codes: 400 malformed request
@@ -650,6 +659,7 @@ class ModelWatcher:
                 "last_poll_at": self.last_poll_at,
                 "last_error": self.last_error,
             },
+            "task": model.predictor.task.name,
             "sampling_spec": asdict(model.spec),
             "labels": list(model.labels),
         }
@@ -670,6 +680,10 @@ def predict_clips(model: LoadedModel, clips: Sequence[DecodedClip]) -> list[dict
     """
     from opsvlm.inference import ClipInput
 
+    task = model.predictor.task.name
+    if task != "operations":
+        message = f"the served model answers the {task} task, not video clips: use /predict_objects"
+        return [{"error": message, "status": 409, "code": "wrong_task"} for _ in clips]
     outcomes: list[dict[str, Any] | None] = [None] * len(clips)
     batch = []
     for index, clip in enumerate(clips):
@@ -694,6 +708,132 @@ def predict_clips(model: LoadedModel, clips: Sequence[DecodedClip]) -> list[dict
             else:
                 outcomes[i] = {"prediction": prediction.to_dict(), "model_version": model.version}
     return outcomes
+
+
+# --- objects in images (the inspection task) -------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is refused before its pixels are allocated
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode image bytes.
+
+    Args:
+        data: The file's bytes.
+        name: Its name, for messages.
+
+    Returns:
+        uint8[H, W, 3] RGB.
+
+    Raises:
+        ServingError: 415 for an unsupported file name, 422 for bytes that are not a (complete) image, 413 for an
+            image with more than ``MAX_IMAGE_PIXELS`` pixels.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    suffix = Path(name).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ServingError(
+            415, "unsupported_media_type", f"{name!r}: send an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    if not data:
+        raise ServingError(422, "empty_image", f"{name!r} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ServingError(
+                    413,
+                    "image_too_large",
+                    f"{name!r} has {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS})",
+                )
+            return np.asarray(image.convert("RGB"))
+    except ServingError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ServingError(413, "image_too_large", f"{name!r}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ServingError(422, "undecodable_image", f"{name!r} is not a readable image: {exc}") from None
+
+
+def parse_object_detections(raw: Any, image: np.ndarray, name: str) -> list[Any]:
+    """Validate stage-1 detections for one decoded image (:func:`opsvlm.data.yolo.parse_detections` rules).
+
+    Args:
+        raw: A JSON list (or its text) of ``{"label", "box", "normalized", "score"}``.
+        image: uint8[H, W, 3] the image they belong to (pixel boxes are normalised by its size).
+        name: The image's name, for messages.
+
+    Returns:
+        :class:`opsvlm.data.yolo.StageOneDetection` objects, boxes normalised to [0, 1].
+
+    Raises:
+        ServingError: 422 naming the field, for missing, malformed or out-of-image detections.
+    """
+    from opsvlm.data.yolo import DetectionsJsonError, parse_detections
+
+    if raw is None:
+        raise ServingError(422, "missing_detections", "send 'detections': the stage-1 objects to classify")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ServingError(422, "invalid_detections", f"detections: not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ServingError(422, "invalid_detections", "detections: must be a non-empty list of objects")
+    height, width = image.shape[:2]
+    try:
+        (parsed,) = parse_detections({"image": name, "width": width, "height": height, "detections": raw}, "request")
+    except DetectionsJsonError as exc:
+        raise ServingError(422, "invalid_detections", str(exc)) from None
+    return list(parsed.detections)
+
+
+def predict_objects(model: LoadedModel, image: np.ndarray, detections: Sequence[Any]) -> dict[str, Any]:
+    """Classify every detected object of one image with one model version (one forward pass for all of them).
+
+    Each object in turn is the target (marked on the image resized with the model's SamplingSpec); the others are
+    its spatial context.
+
+    Returns:
+        ``{"objects": [...], "model_version": v}`` or ``{"error": message, "status": code, "code": name}``.
+    """
+    from opsvlm.tasks.inspection import ObjectInput, render_input
+
+    task = model.predictor.task.name
+    if task != "inspection":
+        message = f"the served model answers the {task} task, not objects in images: use /predict"
+        return {"error": message, "status": 409, "code": "wrong_task"}
+    inputs = [
+        ObjectInput(
+            render_input(image, target.box, model.spec),
+            target.box,
+            target.object_type,
+            tuple((other.object_type, other.box) for other in detections if other.index != target.index),
+        )
+        for target in detections
+    ]
+    try:
+        answers = model.predictor.predict(inputs)
+    except Exception as exc:  # one bad request must not kill the replica; the client gets a 500 naming it
+        logger.exception("prediction failed")
+        return {"error": f"prediction failed: {exc!r}", "status": 500, "code": "prediction_failed"}
+    objects = []
+    for detection, answer in zip(detections, answers, strict=True):
+        if answer is None:  # only in unconstrained mode
+            return {"error": "the model's answer did not parse", "status": 500, "code": "prediction_failed"}
+        objects.append(
+            {
+                "index": detection.index,
+                "label": detection.label,
+                "box": list(detection.box),
+                "score": detection.score,
+                **answer.to_dict(),
+            }
+        )
+    return {"objects": objects, "model_version": model.version}
 
 
 # --- responses -------------------------------------------------------------------------------------------------------
@@ -760,6 +900,40 @@ class UploadClip(BaseModel):
     end_s: float | None = None
 
 
+class ObjectPrediction(BaseModel):
+    """The condition of one detected object."""
+
+    index: int = Field(description="Position of the detection in the request")
+    label: str = Field(description="The detection's label as sent")
+    box: list[float] = Field(description="Normalised [x1, y1, x2, y2]")
+    score: float | None = Field(None, description="The detector's score, as sent")
+    condition: str = Field(description="One of the model's condition classes")
+    object_type: str
+    condition_kind: str = Field(description="normal, blocked or damaged")
+    confidence: float
+    scores: dict[str, float]
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class ObjectsResponse(BaseModel):
+    objects: list[ObjectPrediction]
+    image: ImageSize
+    model_version: str
+    latency_ms: float
+
+
+class PathObjects(BaseModel):
+    """An image under the server's allowed root and its stage-1 detections."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="Relative to the allowed root, or absolute inside it")
+    detections: list[dict[str, Any]] = Field(description='[{"label", "box", "normalized", "score"}, ...]')
+
+
 def prediction_body(outcome: dict[str, Any], clip: tuple[float, float], latency_ms: float) -> dict[str, Any]:
     """The response body of one prediction (see :class:`PredictionResponse`)."""
     prediction = outcome["prediction"]
@@ -801,6 +975,10 @@ class Backend(Protocol):
 
     async def predict(self, clips: Sequence[DecodedClip]) -> list[dict[str, Any]]:
         """Outcomes as :func:`predict_clips` returns them."""
+        ...
+
+    async def predict_objects(self, image: np.ndarray, detections: Sequence[Any]) -> dict[str, Any]:
+        """The outcome of :func:`predict_objects` for one image."""
         ...
 
     async def status(self) -> dict[str, Any]: ...
@@ -863,7 +1041,8 @@ async def run_jobs(
                 spec = SamplingSpec(**outcome["spec_changed"])
                 backend.remember_spec(spec)
             else:
-                results[i] = ServingError(500, "prediction_failed", outcome.get("error", "prediction failed"))
+                status, code = outcome.get("status", 500), outcome.get("code", "prediction_failed")
+                results[i] = ServingError(status, code, outcome.get("error", "prediction failed"))
     # Still pending after the retry: replicas disagreed on the model while a new version rolled out.
     changing = ServingError(503, "model_changing", "the model's sampling spec changed during the request; retry")
     return [r if r is not None else changing for r in results]
@@ -1172,7 +1351,70 @@ def create_app(
                 items.append({"index": index, "status": 200, "prediction": body})
         return JSONResponse({"results": items, "latency_ms": round(latency_ms, 3)})
 
+    @app.post(
+        "/predict_objects",
+        response_model=ObjectsResponse,
+        responses=_DOC_ERRORS,
+        openapi_extra=_request_body_doc(
+            PathObjects.model_json_schema(),
+            {
+                "file": {"type": "string", "format": "binary", "description": "JPEG/PNG/BMP/WebP image"},
+                "detections": {
+                    "type": "string",
+                    "description": 'JSON list of {"label": <object type>, "box": [x1, y1, x2, y2], '
+                    '"normalized": true|false, "score": ..}',
+                },
+            },
+            ["file", "detections"],
+        ),
+    )
+    async def predict_objects_route(request: Request) -> JSONResponse:
+        """Classify the condition of every detected object in one image (inspection models)."""
+        started = time.perf_counter()
+        image, detections = await parse_objects_request(request, limits)
+        outcome = await backend.predict_objects(image, detections)
+        if "error" in outcome:
+            raise ServingError(outcome.get("status", 500), outcome.get("code", "prediction_failed"), outcome["error"])
+        latency_ms = (time.perf_counter() - started) * 1000
+        body = {
+            "objects": outcome["objects"],
+            "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+            "model_version": outcome["model_version"],
+            "latency_ms": round(latency_ms, 3),
+        }
+        return JSONResponse(body)
+
     return app
+
+
+async def parse_objects_request(request: Request, limits: ServingLimits) -> tuple[np.ndarray, list[Any]]:
+    """``POST /predict_objects`` -> the decoded image and its validated detections (errors raise)."""
+    media_type = _media_type(request)
+    if media_type == "application/json":
+        data = await _read_json(request, limits)
+        try:
+            body = PathObjects.model_validate(data)
+        except ValidationError as exc:
+            raise ServingError(422, "invalid_request", _validation_message(exc)) from None
+        path = resolve_allowed_path(limits.allowed_root, body.path)
+        if path.stat().st_size > limits.max_upload_bytes:
+            raise ServingError(413, "file_too_large", f"{body.path!r} is over {limits.max_upload_bytes} bytes")
+        name, data_bytes, raw = path.name, await asyncio.to_thread(path.read_bytes), body.detections
+    elif media_type == "multipart/form-data":
+        form = await _read_form(request, limits, max_files=1)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ServingError(422, "missing_file", "multipart request needs a 'file' part with the image")
+        name, data_bytes, raw = upload.filename or "upload", await upload.read(), form.get("detections")
+    else:
+        raise ServingError(
+            415,
+            "unsupported_media_type",
+            f"content type {media_type or '<none>'!r}: send multipart/form-data with 'file' and 'detections', or "
+            "application/json naming a path",
+        )
+    image = await asyncio.to_thread(decode_image, data_bytes, name)
+    return image, parse_object_detections(raw, image, name)
 
 
 class LocalBackend:
@@ -1206,6 +1448,13 @@ class LocalBackend:
         def run() -> list[dict[str, Any]]:
             with self._lock:
                 return predict_clips(self.watcher.current, clips)
+
+        return await asyncio.to_thread(run)
+
+    async def predict_objects(self, image: np.ndarray, detections: Sequence[Any]) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            with self._lock:
+                return predict_objects(self.watcher.current, image, detections)
 
         return await asyncio.to_thread(run)
 
