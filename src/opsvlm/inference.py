@@ -275,9 +275,13 @@ class Predictor:
         label_scores = {}
         for index in self.task.label_slots:
             allowed = list(constraint.strings(row, index, chosen[:index]))
-            probs = label_probabilities(
-                logprobs, generated, int(starts[index]), [constraint.encode(t) for t in allowed]
-            )
+            # A label that is a prefix of another ("rock toe" / "rock toe damaged") ends where the next slot's first
+            # token comes: score each label through that token, or its mass would be counted twice.
+            sequences = []
+            for text in allowed:
+                firsts = {o[0] for o in constraint.slot(row, index + 1, [*chosen[:index], text]) or []}
+                sequences.append(constraint.encode(text) + (sorted(firsts) if len(firsts) == 1 else []))
+            probs = label_probabilities(logprobs, generated, int(starts[index]), sequences)
             by_label = dict(zip(allowed, probs, strict=True))
             label_scores[index] = {label: by_label.get(label, 0.0) for label in self.task.labels}
         text = tokenizer.decode(generated, skip_special_tokens=True)

@@ -306,11 +306,6 @@ def test_predictor_gives_valid_typed_answers(model, processor) -> None:
         assert all(answer.scores[c] == 0.0 for c in CONDITION_CLASSES if c not in allowed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="opsvlm.inference.label_probabilities scores a label that is a prefix of another ('rock toe' / 'rock toe "
-    "damaged') without the token that ends it, so the scores sum to more than 1; fix proposed to the lead",
-)
 def test_predictor_label_scores_sum_to_one_with_prefix_labels(model, processor) -> None:
     _, answers = _predict(model, processor)
     for answer in answers:

@@ -291,7 +291,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mlflow.end_run()
 
 
-@torch.no_grad()
 def _loss(model, batch: dict, weights: torch.Tensor | None) -> torch.Tensor:
     """The model's answer loss, or the class-weighted mean of per-example answer losses when weights are given."""
     outputs = model(**batch, use_cache=False)
@@ -300,6 +299,7 @@ def _loss(model, batch: dict, weights: torch.Tensor | None) -> torch.Tensor:
     return weighted_answer_loss(outputs.logits, batch["labels"], weights)
 
 
+@torch.no_grad()
 def _validation_loss(model, shard, processor, task, device, dtype, loop_config) -> float | None:
     """Mean per-token loss over the validation split, summed across all workers."""
     if shard is None:
