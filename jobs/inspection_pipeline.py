@@ -80,14 +80,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. synthetic inspection scenes in the Roboflow YOLO segmentation layout
     generated = generate_inspection_dataset(work / "scenes", config.generate, overwrite=True)
-    print(f"[1/5] generated {config.generate.images} scenes in {work / 'scenes'}: {generated}", flush=True)
+    objects = sum(generated.objects_per_class.values())
+    print(f"[1/5] generated {config.generate.images} scenes with {objects} objects in {work / 'scenes'}", flush=True)
 
     # 2. one example per object: the image resized with the spec, the target marked, its neighbours listed
     prepare_config = dataclasses.replace(
         config.prepare, source=str(work / "scenes"), out=str(work / "prepared"), overwrite=True
     )
     summary = prepare_inspection(prepare_config)
-    print(f"[2/5] prepared: {json.dumps(summary)}", flush=True)
+    print(
+        f"[2/5] prepared {summary['examples_written']} examples {summary['examples_by_split']}, "
+        f"{summary['objects_rejected']} rejected, {summary['read']['problems_total']} dataset problems",
+        flush=True,
+    )
 
     # 3. train with Ray Train, tracked in MLflow
     train_config = dataclasses.replace(
