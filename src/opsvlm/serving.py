@@ -800,18 +800,19 @@ def predict_objects(model: LoadedModel, image: np.ndarray, detections: Sequence[
     Returns:
         ``{"objects": [...], "model_version": v}`` or ``{"error": message, "status": code, "code": name}``.
     """
-    from opsvlm.tasks.inspection import ObjectInput, render_input
+    from opsvlm.tasks.inspection import object_input
 
     task = model.predictor.task.name
     if task != "inspection":
         message = f"the served model answers the {task} task, not objects in images: use /predict"
         return {"error": message, "status": 409, "code": "wrong_task"}
     inputs = [
-        ObjectInput(
-            render_input(image, target.box, model.spec),
+        object_input(
+            image,
             target.box,
             target.object_type,
-            tuple((other.object_type, other.box) for other in detections if other.index != target.index),
+            [(other.object_type, other.box) for other in detections if other.index != target.index],
+            model.spec,
         )
         for target in detections
     ]

@@ -24,12 +24,14 @@ from opsvlm.tasks.inspection import (
     compute_metrics,
     default_thickness,
     mark_target,
+    object_input,
     parse_answer,
+    render_closeup,
     render_input,
     spatial_relation,
     target_text,
 )
-from opsvlm.train.examples import collate, encode_row, model_inputs, prompt_text
+from opsvlm.train.examples import collate, encode_row, encode_training_example, model_inputs, prompt_text
 from opsvlm.train.weighting import weighted_answer_loss
 from opsvlm.video.sampling import SamplingSpec
 
@@ -386,3 +388,36 @@ def test_metrics_refuse_bad_input() -> None:
         TASK.compute_metrics([{"condition": "tree"}], [None])
     with pytest.raises(ValueError, match="empty"):
         TASK.compute_metrics([], [])
+
+
+def test_closeup_cuts_the_target_with_a_margin_at_the_same_pixel_budget() -> None:
+    spec = SamplingSpec(frames_per_clip=2, max_pixels=56 * 56, min_pixels=56 * 56)
+    image = np.zeros((200, 400, 3), np.uint8)
+    image[100:140, 200:240] = 255  # the target: a white square
+    box = (200 / 400, 100 / 200, 240 / 400, 140 / 200)
+    closeup = render_closeup(image, box, spec)
+    assert closeup.shape == (56, 56, 3)  # square cut (40 px + 2 x 10 px margin) at the spec's size
+    assert closeup[20:36, 20:36].min() > 200 and closeup[:4, :4].max() < 50  # the target in the middle, margin dark
+    example = object_input(image, box, "rock toe", [("vegetation", (0.0, 0.0, 0.2, 0.2))], spec)
+    assert example.image.shape == (28, 56, 3) and example.closeup.shape == (56, 56, 3)  # 2:1 image within budget
+    assert example.others == (("vegetation", (0.0, 0.0, 0.2, 0.2)),)
+
+
+def test_prompt_with_closeup_has_two_images_in_order(processor) -> None:
+    spec = SamplingSpec(frames_per_clip=2, max_pixels=56 * 56, min_pixels=56 * 56)
+    image = np.random.default_rng(0).integers(0, 256, (112, 224, 3), dtype=np.uint8)
+    examples = [
+        object_input(image, (0.1, 0.1, 0.3, 0.5), "slope drain", [], spec),
+        object_input(image, (0.5, 0.6, 0.9, 0.9), "rock toe", [("slope drain", (0.1, 0.1, 0.3, 0.5))], spec),
+    ]
+    task = InspectionTask()
+    encoded = [encode_training_example(processor, task, e, target_text("rock toe")) for e in examples]
+    assert "close-up of the target" in task.instruction(examples[0])
+    for example in encoded:  # whole image 28x56 -> 2x4 patches, close-up 56x56 -> 4x4 patches
+        grids = example["image_grid_thw"].tolist()
+        assert grids[0][0] == 1 and len(grids) == 2
+        tokens = int((example["input_ids"] == processor.image_token_id).sum())
+        assert tokens == sum(t * h * w for t, h, w in grids) // 4
+    batch = collate(encoded, processor.tokenizer.pad_token_id)
+    assert batch["image_grid_thw"].shape == (4, 3)
+    assert batch["pixel_values"].shape[0] == sum(e["pixel_values"].shape[0] for e in encoded)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from opsvlm.config import to_dict
 from opsvlm.data.yolo import CONDITION_CLASSES, canonical_class_name, class_condition, read_dataset
-from opsvlm.tasks.inspection import mark_target, resize_image
+from opsvlm.tasks.inspection import mark_target, render_closeup, resize_image
 from opsvlm.video.sampling import SamplingSpec
 
 MANIFEST_FORMAT = "opsvlm-examples/1"
@@ -56,6 +56,8 @@ EXAMPLE_SCHEMA = pa.schema(
         ("label_line", pa.int32()),  # the object's 1-based line in its label file
         ("image", pa.binary()),  # raw bytes of the rendered uint8[h, w, 3]
         ("image_shape", pa.list_(pa.int32())),
+        ("closeup", pa.binary()),  # raw bytes of the target's close-up uint8[h, w, 3]
+        ("closeup_shape", pa.list_(pa.int32())),
         ("target_index", pa.int32()),  # index of the target among the image's objects
         ("target_box", pa.list_(pa.float64())),  # (x1, y1, x2, y2) normalised
         ("target_type", pa.string()),
@@ -190,15 +192,18 @@ def example_rows(record: dict, spec: SamplingSpec) -> list[dict]:
     objects = json.loads(record["objects"])
     types = [class_condition(o["condition"])[0] for o in objects]
     try:
-        resized = resize_image(_decode(record["source"], record["width"], record["height"]), spec)
+        original = _decode(record["source"], record["width"], record["height"])
+        resized = resize_image(original, spec)
         status, reason, detail = "ok", "", ""
     except Exception as err:  # Pillow raises many types (OSError for truncated data, SyntaxError, ValueError...)
-        resized, status = None, "rejected"
+        original, resized, status = None, None, "rejected"
         reason = SIZE_MISMATCH if str(err).startswith(SIZE_MISMATCH) else DECODE_FAILED
         detail = f"{record['source']}: {type(err).__name__}: {err}"
     rows = []
     for index, obj in enumerate(objects):
+        # the same rendering as opsvlm.tasks.inspection.object_input (serving), with the resize done once per image
         pixels = mark_target(resized, obj["box"]) if resized is not None else None
+        closeup = render_closeup(original, obj["box"], spec) if original is not None else None
         rows.append(
             {
                 "example_id": f"{record['image_id']}#{index}",
@@ -208,6 +213,8 @@ def example_rows(record: dict, spec: SamplingSpec) -> list[dict]:
                 "label_line": obj["line"],
                 "image": pixels.tobytes() if pixels is not None else b"",
                 "image_shape": list(pixels.shape) if pixels is not None else [],
+                "closeup": closeup.tobytes() if closeup is not None else b"",
+                "closeup_shape": list(closeup.shape) if closeup is not None else [],
                 "target_index": index,
                 "target_box": obj["box"],
                 "target_type": types[index],

@@ -3,8 +3,11 @@
 A stage-1 detector finds slope drains, toe drains, rock toes and vegetation; for each object the VLM names its class
 among the 9 condition classes of :data:`opsvlm.data.yolo.CONDITION_CLASSES` (``"Toe drain- Blocked"``,
 ``"rock toe damaged"``, ...). One example is one object: the model sees the whole image with the target's box drawn
-on it (:func:`render_input`), and the prompt states the target's box in normalised coordinates, its detected type
-and the other detected objects with their position relative to the target (:func:`spatial_relation`). The answer::
+on it (:func:`render_input`) and a close-up of the target (:func:`render_closeup`: the box plus a margin, at the same
+pixel budget), and the prompt states the target's box in normalised coordinates, its detected type and the other
+detected objects with their position relative to the target (:func:`spatial_relation`). The close-up is there
+because a condition (debris in a drain, a crack) covers a few pixels of the whole image at the sizes a VLM is fed;
+the whole image keeps the layout. The answer::
 
     {"condition": "<label>"}
 
@@ -66,6 +69,8 @@ class ObjectInput:
     Attributes:
         image: uint8[H, W, 3] the whole image, already resized with the model's ``SamplingSpec.target_size`` and with
             the target's box drawn on it (:func:`render_input`).
+        closeup: uint8[h, w, 3] the target with a margin around it, resized the same way (:func:`render_closeup`);
+            ``None`` for a prompt with the whole image only.
         target_box: ``(x1, y1, x2, y2)`` of the target, normalised to [0, 1].
         target_type: The target's object type from stage 1 (one of ``OBJECT_TYPES``), or ``None`` when unknown.
         others: ``(object type, box)`` of every other detected object in the image.
@@ -75,6 +80,7 @@ class ObjectInput:
     target_box: Box
     target_type: str | None = None
     others: tuple[tuple[str, Box], ...] = ()
+    closeup: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.target_box = _check_box(self.target_box, "target_box")
@@ -244,6 +250,53 @@ def render_input(image: np.ndarray, target_box: Sequence[float], spec: SamplingS
     return mark_target(resize_image(image, spec), target_box)
 
 
+CLOSEUP_MARGIN = 0.25  # context around the target in its close-up, as a fraction of the box's larger side
+
+
+def render_closeup(image: np.ndarray, target_box: Sequence[float], spec: SamplingSpec) -> np.ndarray:
+    """The target's close-up: its box plus a margin, cut from the full-resolution image, resized like the image.
+
+    Args:
+        image: uint8[H, W, 3] the decoded image (full resolution, so the close-up keeps the detail).
+        target_box: ``(x1, y1, x2, y2)`` normalised.
+        spec: The model's SamplingSpec.
+
+    Returns:
+        uint8[h, w, 3] with ``(h, w) = spec.target_size`` of the cut.
+    """
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = _check_box(target_box, "target_box")
+    margin = CLOSEUP_MARGIN * max((x2 - x1) * width, (y2 - y1) * height)
+    left, right = max(0, math.floor(x1 * width - margin)), min(width, math.ceil(x2 * width + margin))
+    top, bottom = max(0, math.floor(y1 * height - margin)), min(height, math.ceil(y2 * height + margin))
+    return resize_image(np.ascontiguousarray(image[top : max(bottom, top + 1), left : max(right, left + 1)]), spec)
+
+
+def object_input(
+    image: np.ndarray,
+    target_box: Sequence[float],
+    target_type: str | None,
+    others: Sequence[tuple[str, Sequence[float]]],
+    spec: SamplingSpec,
+) -> ObjectInput:
+    """The model input for one object of a decoded image, rendered exactly as in training, evaluation and serving.
+
+    Args:
+        image: uint8[H, W, 3] the decoded image.
+        target_box: The target's normalised box.
+        target_type: Its stage-1 object type, or ``None``.
+        others: ``(object type, normalised box)`` of the other objects.
+        spec: The model's SamplingSpec.
+    """
+    return ObjectInput(
+        render_input(image, target_box, spec),
+        tuple(target_box),
+        target_type,
+        tuple((kind, tuple(box)) for kind, box in others),
+        render_closeup(image, target_box, spec),
+    )
+
+
 # --- prompt and answer ---------------------------------------------------------------------------------------------
 
 
@@ -278,8 +331,9 @@ def instruction(example: ObjectInput) -> str:
         context = f"Other detected objects, relative to the target: {', '.join(listed)}{more}."
     else:
         context = "No other objects were detected."
+    closeup = " The second image is a close-up of the target." if example.closeup is not None else ""
     return (
-        "This is an infrastructure-inspection image. The target object is outlined in red at "
+        f"This is an infrastructure-inspection image.{closeup} The target object is outlined in red at "
         f"{_box_text(example.target_box)} (x1, y1, x2, y2 as fractions of the image width and height, origin top "
         f"left), {kind}. {context} Condition classes: {labels}. Reply with JSON: the condition class of the target."
     )
@@ -425,11 +479,18 @@ class InspectionTask(Task):
     def instruction(self, example: ObjectInput) -> str:
         return instruction(example)
 
+    def messages(self, example: ObjectInput) -> list[dict]:
+        images = [{"type": "image"}] * (1 if example.closeup is None else 2)
+        return [{"role": "user", "content": [*images, {"type": "text", "text": self.instruction(example)}]}]
+
     def input_of(self, row: Mapping[str, Any]) -> ObjectInput:
-        # a writable copy: the processor turns it into a tensor, and torch warns on read-only buffers
+        # writable copies: the processor turns them into tensors, and torch warns on read-only buffers
         image = np.frombuffer(row["image"], dtype=np.uint8).reshape(tuple(row["image_shape"])).copy()
+        closeup = None
+        if row.get("closeup"):
+            closeup = np.frombuffer(row["closeup"], dtype=np.uint8).reshape(tuple(row["closeup_shape"])).copy()
         others = tuple((kind, tuple(box)) for kind, box in zip(row["object_types"], row["object_boxes"], strict=True))
-        return ObjectInput(image, tuple(row["target_box"]), row["target_type"] or None, others)
+        return ObjectInput(image, tuple(row["target_box"]), row["target_type"] or None, others, closeup)
 
     def target_of(self, row: Mapping[str, Any]) -> str:
         return target_text(row["condition"])
@@ -440,7 +501,14 @@ class InspectionTask(Task):
     def processor_kwargs(self, examples: Sequence[ObjectInput]) -> dict[str, Any]:
         # Images are already at a size the processor keeps (multiples of 28 within the pixel limits of the processor
         # saved with the model), so the processor only normalises and patches them.
-        return {"images": [np.asarray(e.image) for e in examples]}
+        # One flat list in prompt order: the processor gives the image placeholders of the batch's texts their images
+        # in turn.
+        images = []
+        for example in examples:
+            images.append(np.asarray(example.image))
+            if example.closeup is not None:
+                images.append(np.asarray(example.closeup))
+        return {"images": images}
 
     def answer_slot(self, index: int, chosen: Sequence[str], example: ObjectInput) -> Sequence[str] | None:
         if index == 0:
