@@ -18,9 +18,10 @@ What runs, one after the other on the same box (never two servers under load at 
     under uvicorn in a subprocess (one worker, 127.0.0.1): per request it parses the upload, decodes the clip with
     the same ``decode_media`` as Serve (a pooled decoder process per concurrent decode, in a worker thread), then
     calls ``Predictor.predict([clip])`` once under a lock; no batching across requests. Ray is not running.
-(a) ``serve``: ``serve_app/config_tiny_cpu.yaml`` deployed as is (deployments, fractional CPUs, autoscaling,
-    ``max_batch_size`` 4, ``batch_wait_timeout_s`` 0.02) except the model reference, tracking URI, model cache
-    and HTTP port, on a local Ray with ``--cpus`` CPUs (HTTP proxy on 127.0.0.1). Measured twice:
+(a) ``serve``: ``serve_app/config_tiny_cpu.yaml`` deployed as is (deployments, replica counts, fractional CPUs,
+    batching, logging and the replicas' environment) except the model reference, tracking URI, model cache and HTTP
+    port, on a local Ray with ``--cpus`` CPUs (HTTP proxy on 127.0.0.1), the way ``serve run`` deploys it (the
+    file's global ``logging_config`` included). Measured twice:
     ``serve_ingress_decode`` (``separate_decoder: false``: the Ingress decodes) and ``serve_separate_decoder``
     (``separate_decoder: true``: a Decoder deployment with its code defaults, uploads travel to it as bytes).
 
@@ -29,12 +30,16 @@ Load: an ``httpx.AsyncClient`` in this process keeps ``c`` requests in flight (c
 Requests are ``POST /predict`` multipart uploads of the test videos (kind ``upload``, round-robin, whole video) and,
 with ``--kinds upload path``, also JSON requests naming the same videos under the server's allowed root (kind
 ``path``: no upload parsing, no temporary copy). The first ``--warmup`` requests of every level (default
-``max(8, c)``) are sent and discarded. Per level: requests/s = completed requests / wall time of the level (first
-request sent to last answer), p50/p99/mean latency of the individual requests, errors (any non-200; must be 0),
+``max(8, c)``) are sent and discarded. Per level: requests/s = answered (200) requests / wall time of the level
+(first request sent to last answer), p50/p99/mean latency of the individual requests, errors (any non-200 or
+transport error, warm-up included; must be 0),
 and the server side's CPU seconds per request (baseline: the uvicorn process and its decoder processes; serve:
 every process of this Ray instance: proxy, replicas, decoders, controller, raylet, GCS), a view that does not depend
-on what else runs on the machine. For Serve the Predictor's batching counters from ``/status`` give the batch sizes
-actually formed (``clips / batches`` and the largest) and the replica counts.
+on what else runs on the machine, broken down by process kind (``server_cpu_by_process``: each deployment's
+replicas, the decoder processes charged to the process that runs them, the proxy, the controller, Ray's daemons).
+For Serve the Predictor's counters from ``/status`` (summed over its replicas, each asked until seen) give the
+batch sizes actually formed (``clips / batches`` and the largest), the share of the level the model was busy
+(``predictor_busy_share``), the mean time a clip queued before its batch started, and the replica counts.
 
 Figures: ``ratio`` = Serve rps / baseline rps for uploads, the lowest over the levels with c >= 8, for the better
 Serve variant (the one whose lowest ratio is higher: that is the default to recommend for small CPU boxes);
@@ -167,8 +172,12 @@ def _label(proc) -> str:
     except psutil.Error:
         return "?"
     text = " ".join(cmdline)
-    if "_serve_decoding" in text:
-        return "decoder processes"
+    if "_serve_decoding" in text:  # charged to the process that runs them (Ingress, Decoder or baseline server)
+        try:
+            parent = _label(proc.parent())
+        except (psutil.Error, AttributeError):
+            parent = "?"
+        return f"decoder processes of {parent}"
     for prefix in ("ray::",):
         if name.startswith(prefix) or (cmdline and cmdline[0].startswith(prefix)):
             title = cmdline[0] if cmdline and cmdline[0].startswith(prefix) else name
@@ -182,7 +191,8 @@ def _label(proc) -> str:
         return "gcs_server"
     if "uvicorn" in text or "--baseline-server" in text:
         return "baseline server"
-    return os.path.basename(cmdline[0]) if cmdline else name
+    scripts = [os.path.basename(arg) for arg in cmdline[1:3] if arg.endswith(".py")]  # Ray's log monitor, ...
+    return scripts[0] if scripts else (os.path.basename(cmdline[0]) if cmdline else name)
 
 
 class CpuMeter:
@@ -278,7 +288,7 @@ async def _load(url: str, requests: list[dict], concurrency: int, count: int, wa
 
         _, warm_errors, _ = await run(warmup, None)
         latencies, errors, wall = await run(count, time.monotonic() + timeout_s)
-        return latencies, warm_errors + errors, wall
+        return latencies, errors, wall, warm_errors
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -309,16 +319,18 @@ def measure(
             before = meter.snapshot()
             load_cpu = time.process_time()
             load = load_avg()
-            latencies, errors, wall = asyncio.run(
+            level_started = time.perf_counter()
+            latencies, errors, wall, warm_errors = asyncio.run(
                 _load(url, requests, concurrency, opts.requests, warmup, opts.level_timeout_s)
             )
             load_cpu = time.process_time() - load_cpu
+            level_wall = time.perf_counter() - level_started
             cpu, processes = CpuMeter.delta(before, meter.snapshot())
             n = len(latencies)
             result = {
                 "requests": n,
                 "errors": len(errors),
-                "rps": round(n / wall, 3),
+                "rps": round((n - len(errors)) / wall, 3),  # answered requests only (errors are counted apart)
                 "p50_ms": round(percentile(latencies, 50) * 1000, 1),
                 "p99_ms": round(percentile(latencies, 99) * 1000, 1),
                 "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
@@ -328,8 +340,9 @@ def measure(
                 "loadgen_cpu_s_per_request": round(load_cpu / max(n + warmup, 1), 4),
                 "load_avg_1m": load,
             }
-            if errors:
-                result["first_errors"] = errors[:3]
+            result["warmup_errors"] = len(warm_errors)
+            if errors or warm_errors:
+                result["first_errors"] = (errors + warm_errors)[:3]
             if batching:
                 after = batching()
                 batches = after["batches"] - before_batching["batches"]
@@ -346,6 +359,11 @@ def measure(
                         if isinstance(value, float):
                             value = round(value - before_batching.get(key, 0.0), 3)
                         result["batching"][key] = value
+                if "busy_s" in result["batching"]:  # the model's share of the whole level (warm-up included)
+                    result["batching"]["predictor_busy_share"] = round(result["batching"]["busy_s"] / level_wall, 3)
+                if "queue_wait_s" in result["batching"] and clips:
+                    wait_ms = result["batching"]["queue_wait_s"] / clips * 1e3
+                    result["batching"]["mean_queue_wait_ms"] = round(wait_ms, 1)
             results[f"{kind}_c{concurrency}"] = result
             extra = f" batch {result['batching']['mean_batch']}" if batching else ""
             log(
@@ -461,7 +479,11 @@ def deploy(config_path: Path, args: dict[str, Any], port: int) -> float:
     config["http_options"]["port"] = port
     config["applications"][0]["args"] = args
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        global_logging_config=schema.logging_config,  # as `serve run` does: the proxy's and controller's logging
+    )
     started = time.monotonic()
     client.deploy_apps(schema, _blocking=False)
     time.sleep(2)  # the controller starts applying the new config
@@ -478,8 +500,35 @@ def deploy(config_path: Path, args: dict[str, Any], port: int) -> float:
         time.sleep(1)
 
 
-def run_serve(env: dict[str, Any], args: dict[str, Any], opts: argparse.Namespace) -> dict[str, dict]:
+def predictor_counters(url: str, tries: int = 40) -> dict[str, Any]:
+    """The Predictor's batching counters summed over its replicas (``largest_batch``: the largest of them).
+
+    ``/status`` answers from one Predictor replica (the router picks it); with several, it is asked until every
+    RUNNING replica's counters have been seen.
+    """
     import httpx
+
+    seen: dict[str, dict] = {}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for _ in range(tries):
+            status = http.get("/status").json()
+            seen[status["model"]["replica"]] = status["batching"]
+            running = status.get("replicas", {}).get("Predictor", {}).get("RUNNING", 1)
+            if len(seen) >= running:
+                break
+    total: dict[str, Any] = {}
+    for counters in seen.values():
+        for key, value in counters.items():
+            if key in ("largest_batch", "max_batch_size"):
+                total[key] = max(total.get(key, 0), value)
+            elif isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+    total["replicas"] = status.get("replicas")
+    total["predictor_replicas_seen"] = len(seen)
+    return total
+
+
+def run_serve(env: dict[str, Any], args: dict[str, Any], opts: argparse.Namespace) -> dict[str, dict]:
     import ray
     from ray import serve
 
@@ -492,9 +541,7 @@ def run_serve(env: dict[str, Any], args: dict[str, Any], opts: argparse.Namespac
         meter = CpuMeter(os.getpid(), include_root=False)  # every process of this Ray instance
 
         def batching() -> dict:
-            with httpx.Client(base_url=url, timeout=30) as http:
-                status = http.get("/status").json()
-            return {**status["batching"], "replicas": status.get("replicas")}
+            return predictor_counters(url)
 
         for separate in opts.decoder_modes:
             name = "serve_separate_decoder" if separate else "serve_ingress_decode"
@@ -542,7 +589,7 @@ def summarize(servers: dict[str, dict[str, dict]], opts: argparse.Namespace) -> 
     ratio = min((comparisons[best][lvl]["rps_ratio"] for lvl in high), default=0.0)
     p99_ratio = max((comparisons[best][lvl]["p99_ratio"] for lvl in high), default=float("inf"))
     cpu_bound_ratio = min((comparisons[best][lvl]["cpu_bound_ratio"] for lvl in high), default=0.0)
-    errors = sum(result["errors"] for levels in servers.values() for result in levels.values())
+    errors = sum(r["errors"] + r.get("warmup_errors", 0) for levels in servers.values() for r in levels.values())
     return {
         "comparisons": comparisons,
         "best_serve_variant": best,

@@ -4,7 +4,7 @@ Deployments::
 
     HTTP -> Ingress (FastAPI: validation, uploads, limits)
               |-- Decoder (only with separate_decoder: decode + sample frames with the model's SamplingSpec)
-              '-- Predictor (holds the model, @serve.batch, GPU when available, follows the registry alias)
+              '-- Predictor (holds the model, batches queued clips, GPU when available, follows the registry alias)
 
 * ``Ingress`` serves :func:`opsvlm.serving.create_app` (the same API as the plain-FastAPI baseline). Without a
   separate decoder it decodes itself, in worker threads that each wait on a decoder process with a deadline.
@@ -14,7 +14,10 @@ Deployments::
   so it is an option.
 * ``Predictor`` loads the model once per replica from the MLflow registry (``models:/opsvlm@champion`` by default;
   ``models:/<name>/<version>``, a run id or a checkpoint directory also work). Concurrent requests share a forward
-  pass through ``@serve.batch``. For an alias reference a background task polls the alias every
+  pass: one batch runs at a time and the next one is formed from the clips that queued meanwhile (up to
+  ``max_batch_size``). Ray's ``@serve.batch`` is not used: it forms the next batch while one runs (a new batch every
+  ``batch_wait_timeout_s``), so when a forward pass is long against the gaps between requests (a CPU) the batches
+  stay at ~1 clip. For an alias reference a background task polls the alias every
   ``poll_interval_s``; when it moves, the new version is loaded in a worker thread while the old one keeps serving,
   then swapped in with one reference assignment (:class:`opsvlm.serving.ModelWatcher`). Each batch uses one version
   and every response names it. With several replicas each polls on its own, so for up to ``poll_interval_s`` they
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +55,7 @@ from opsvlm.serving import (
     decode_media,
     decode_media_bytes,
     predict_clips,
+    predict_objects,
 )
 from opsvlm.video.sampling import SamplingSpec
 
@@ -77,8 +82,8 @@ class AppArgs(BaseModel):
         max_duration_s: Longest clip (the window if given, else the whole video).
         decode_deadline_s: Longest wait for the decoder before a 504.
         max_batch_clips: Most clips per ``/batch_predict`` request.
-        max_batch_size: Most clips per forward pass (``@serve.batch``).
-        batch_wait_timeout_s: How long the first clip of a batch waits for others.
+        max_batch_size: Most clips per forward pass.
+        batch_wait_timeout_s: How long a batch that is not full waits for more clips before it runs.
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -108,7 +113,9 @@ class AppArgs(BaseModel):
         )
 
 
-@serve.deployment(name=PREDICTOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
+# max_ongoing_requests: a Predictor at its limit rejects calls and the caller retries after a backoff (Serve: 25 ms
+# doubling to 500 ms), leaving the queue idle meanwhile; keep it above what the Ingress replicas can send at once.
+@serve.deployment(name=PREDICTOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
 class PredictorDeployment:
     """Holds the model; batches concurrent clips into one forward pass; follows the registry alias."""
 
@@ -122,10 +129,21 @@ class PredictorDeployment:
             cache_dir=settings.model_cache_dir or None,
             quantization=settings.quantization,
         )
-        self._predict_batch.set_max_batch_size(settings.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._max_batch_size = settings.max_batch_size
+        self._batch_wait_timeout_s = settings.batch_wait_timeout_s
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._batcher = asyncio.get_running_loop().create_task(self._batch_forever())
         self._poll_interval_s = settings.poll_interval_s
-        self._batching = {"max_batch_size": settings.max_batch_size, "batches": 0, "clips": 0, "largest_batch": 0}
+        # Counters for /status (the benchmark reads them): batches formed, clips, seconds the model was busy and
+        # seconds clips waited in the queue before their batch started.
+        self._batching = {
+            "max_batch_size": settings.max_batch_size,
+            "batches": 0,
+            "clips": 0,
+            "largest_batch": 0,
+            "busy_s": 0.0,
+            "queue_wait_s": 0.0,
+        }
         self._poller = None
         if self._watcher.watches and settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -144,17 +162,57 @@ class PredictorDeployment:
             if swapped:
                 logger.info("Predictor swapped version %s -> %s", before, self._watcher.current.version)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _predict_batch(self, clips: list[DecodedClip]) -> list[dict[str, Any]]:
-        model = self._watcher.current  # taken once: the whole batch is predicted, and reported, by one version
-        self._batching["batches"] += 1
-        self._batching["clips"] += len(clips)
-        self._batching["largest_batch"] = max(self._batching["largest_batch"], len(clips))
-        return await asyncio.to_thread(predict_clips, model, clips)
+    async def _next_batch(self) -> list[tuple[DecodedClip, asyncio.Future, float]]:
+        """The clips queued while the last batch ran (up to max_batch_size); if fewer, wait a little for more."""
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self._batch_wait_timeout_s
+        while len(batch) < self._max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _batch_forever(self) -> None:
+        # One batch at a time, formed only when the previous one is done: under load the next batch is the backlog
+        # that built up meanwhile. (@serve.batch forms batches eagerly while one runs, so at CPU speeds they stay ~1.)
+        while True:
+            batch = await self._next_batch()
+            batch = [item for item in batch if not item[1].cancelled()]  # the caller gave up (client went away)
+            if not batch:
+                continue
+            model = self._watcher.current  # taken once: the whole batch is predicted, and reported, by one version
+            started = time.monotonic()
+            self._batching["batches"] += 1
+            self._batching["clips"] += len(batch)
+            self._batching["largest_batch"] = max(self._batching["largest_batch"], len(batch))
+            self._batching["queue_wait_s"] += sum(started - queued for _, _, queued in batch)
+            try:
+                outcomes = await asyncio.to_thread(predict_clips, model, [clip for clip, _, _ in batch])
+            except Exception as exc:  # predict_clips contains model errors; this is a last resort
+                logger.exception("batch failed")
+                outcomes = [{"error": f"prediction failed: {exc!r}"}] * len(batch)
+            self._batching["busy_s"] += time.monotonic() - started
+            for (_, future, _), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
 
     async def predict(self, clip: DecodedClip) -> dict[str, Any]:
         """One clip's outcome (see :func:`opsvlm.serving.predict_clips`); batched with concurrent calls."""
-        return await self._predict_batch(clip)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((clip, future, time.monotonic()))
+        return await future
+
+    async def predict_objects(self, image: Any, detections: list[Any]) -> dict[str, Any]:
+        """Every detected object of one image (inspection models), in one forward pass: the objects of a request
+        already form a batch (see :func:`opsvlm.serving.predict_objects`)."""
+        return await asyncio.to_thread(predict_objects, self._watcher.current, image, detections)
 
     def status(self) -> dict[str, Any]:
         """Model name/version, sampling spec and labels of this replica."""
@@ -165,14 +223,16 @@ class PredictorDeployment:
         return status
 
     def check_health(self) -> None:
+        if self._batcher.done():
+            raise RuntimeError("the batching task stopped")
         if self._poller is not None and self._poller.done():
             raise RuntimeError("the model watcher task stopped; this replica would never pick up new versions")
 
     def __del__(self) -> None:
         # Serve calls this on replica shutdown: stop polling before the event loop's executor goes away.
-        poller = getattr(self, "_poller", None)
-        if poller is not None:
-            poller.cancel()
+        for task in (getattr(self, "_poller", None), getattr(self, "_batcher", None)):
+            if task is not None:
+                task.cancel()
 
 
 @serve.deployment(name=DECODER, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
@@ -227,7 +287,7 @@ class ServeBackend:
             return [error] * len(windows)
 
     async def predict(self, clips: list[DecodedClip]) -> list[dict[str, Any]]:
-        # One call per clip: @serve.batch on the Predictor groups them with clips of concurrent requests.
+        # One call per clip: the Predictor batches them with clips of concurrent requests.
         responses = [self._predictor.predict.remote(clip) for clip in clips]
         outcomes = []
         for response in responses:
@@ -237,6 +297,13 @@ class ServeBackend:
                 logger.exception("predictor call failed")
                 outcomes.append({"error": f"predictor unavailable: {exc!r}"})
         return outcomes
+
+    async def predict_objects(self, image: Any, detections: list[Any]) -> dict[str, Any]:
+        try:
+            return await self._predictor.predict_objects.remote(image, list(detections))
+        except Exception as exc:
+            logger.exception("predictor call failed")
+            return {"error": f"predictor unavailable: {exc!r}", "status": 503, "code": "model_unavailable"}
 
     async def status(self) -> dict[str, Any]:
         return await self._predictor.status.remote()

@@ -315,7 +315,7 @@ def test_concurrent_requests_share_forward_passes(http, models, media):
         assert_prediction(response.json(), 2.0, models["v1"])
     after = http.get("/status").json()["batching"]
     assert after["clips"] - before["clips"] == 8
-    # @serve.batch: clips of concurrent requests went through shared forward passes
+    # the Predictor's batcher: clips of concurrent requests went through shared forward passes
     assert after["batches"] - before["batches"] < 8 and after["largest_batch"] >= 2, (before, after)
     print(f"\n8 concurrent requests -> {after['batches'] - before['batches']} forward passes")
 
@@ -336,8 +336,11 @@ def test_configs_are_valid_serve_configs_for_this_app():
         deployments = {d.name: d for d in application.deployments}
         assert set(deployments) == expected, name
         for deployment in deployments.values():
-            scaling = AutoscalingConfig(**deployment.autoscaling_config)
-            assert 1 <= scaling.min_replicas <= scaling.max_replicas and scaling.target_ongoing_requests > 0, name
+            if isinstance(deployment.autoscaling_config, dict):
+                scaling = AutoscalingConfig(**deployment.autoscaling_config)
+                assert 1 <= scaling.min_replicas <= scaling.max_replicas and scaling.target_ongoing_requests > 0, name
+            else:  # a fixed replica count
+                assert isinstance(deployment.num_replicas, int) and deployment.num_replicas >= 1, name
             assert deployment.ray_actor_options.num_cpus > 0
         gpus = deployments["Predictor"].ray_actor_options.num_gpus or 0
         assert gpus == (1 if args.use_gpu is True else 0), name
