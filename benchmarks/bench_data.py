@@ -90,17 +90,40 @@ def load_avg() -> float:
 def tree_cpu_s() -> float:
     """CPU seconds (user + system) used so far by this process and every live descendant (Ray's daemons, workers and
     their decoder processes): a load-independent measure of what a pipeline run costs."""
+    return sum(cpu for _, cpu in tree_cpu_by_pid().values())
+
+
+def tree_cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """``{pid: (kind, CPU seconds so far)}`` for this process and its live descendants; kind is ``driver`` (this
+    process), ``decoder`` (decoder processes), ``ray_worker`` (Ray worker processes) or ``ray_system`` (the rest)."""
     import psutil
 
-    processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
-    total = 0.0
-    for process in processes:
+    me = psutil.Process()
+    found = {}
+    for process in [me, *me.children(recursive=True)]:
         try:
             times = process.cpu_times()
+            command = " ".join(process.cmdline())
         except psutil.Error:  # exited meanwhile
             continue
-        total += times.user + times.system
-    return total
+        if process.pid == me.pid:
+            kind = "driver"
+        elif "_serve_decoding" in command:
+            kind = "decoder"
+        elif command.startswith("ray::") or "default_worker.py" in command:
+            kind = "ray_worker"
+        else:
+            kind = "ray_system"
+        found[process.pid] = (kind, times.user + times.system)
+    return found
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per process kind between two :func:`tree_cpu_by_pid` snapshots."""
+    spent: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        spent[kind] = spent.get(kind, 0.0) + cpu - before.get(pid, (kind, 0.0))[1]
+    return {kind: round(cpu, 3) for kind, cpu in sorted(spent.items())}
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -190,13 +213,14 @@ def run_decode_once(plan: SessionPlan, keep: set[str]) -> tuple[int, int, float,
 # --- (a) Ray Data pipeline ------------------------------------------------------------------------------------------
 
 
-def run_pipeline(root: Path, sources: list[SessionSource], out: Path) -> tuple[dict, float, float]:
+def run_pipeline(root: Path, sources: list[SessionSource], out: Path) -> tuple[dict, float, float, dict]:
     if out.exists():
         shutil.rmtree(out)
     config = PrepareConfig(source=str(root), out=str(out), clips=CLIP_CONFIG, sampling=SPEC)
-    started, cpu = time.perf_counter(), tree_cpu_s()
+    started, cpu = time.perf_counter(), tree_cpu_by_pid()
     summary = prepare(config, sources)
-    return summary, time.perf_counter() - started, tree_cpu_s() - cpu
+    wall, spent = time.perf_counter() - started, cpu_by_kind(cpu, tree_cpu_by_pid())
+    return summary, wall, sum(spent.values()), spent
 
 
 def read_back(out: Path, clip_ids: list[str]) -> dict[str, np.ndarray]:
@@ -270,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_frames: dict[str, np.ndarray] = {}
     once_frames: dict[str, np.ndarray] = {}
     pipeline_rejected = once_rejected = 0
+    pipeline_cpu_kinds: list[dict[str, float]] = []
 
     def record(timing: Timing, label: str, clips: int, wall: float, cpu: float) -> None:
         timing.counts.append(clips)
@@ -278,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label}: {clips} clips in {wall:.2f} s (cpu {cpu:.2f} s), load {load_avg()}", flush=True)
 
     # The first prepare after Ray starts also starts its workers and their decoder processes: reported apart.
-    summary, wall, cpu = run_pipeline(root, sources, out)
+    summary, wall, cpu, _ = run_pipeline(root, sources, out)
     record(cold, "(a) pipeline cold", summary["clips_written"], wall, cpu)
     pipeline_rejected = summary["clips_rejected"] + summary["clips_unaccounted"]
     pipeline_frames.append(read_back(out, check_ids))
@@ -286,8 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
     for run in range(1, args.repeats + 1):
         clips, once_rejected, wall, cpu, once_frames = run_decode_once(plan, keep)
         record(once, f"(c) decode once  run {run}", clips, wall, cpu)
-        summary, wall, cpu = run_pipeline(root, sources, out)
+        summary, wall, cpu, spent = run_pipeline(root, sources, out)
         record(warm, f"(a) pipeline     run {run}", summary["clips_written"], wall, cpu)
+        print(f"    CPU seconds by process kind: {spent}", flush=True)
+        pipeline_cpu_kinds.append(spent)
         pipeline_rejected = max(pipeline_rejected, summary["clips_rejected"] + summary["clips_unaccounted"])
         pipeline_frames.append(read_back(out, check_ids))
         clips, wall, cpu, seed_frames = run_seed_loop(plan, keep)
@@ -351,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": {t.name: [round(s, 3) for s in t.wall_s] for t in (seed, once, cold, warm)},
         "cpu_s": {t.name: [round(s, 3) for s in t.cpu_s] for t in (seed, once, cold, warm)},
         "cpu_ratio_to_ideal": round(min(warm.cpu_s) / min(once.cpu_s), 3),
+        "pipeline_cpu_s_by_kind": pipeline_cpu_kinds[warm.cpu_s.index(min(warm.cpu_s))],
         "ray_start_s": round(ray_start_s, 2),
         "load_avg_1m": [load_start, load_end],
         "cores": os.cpu_count(),

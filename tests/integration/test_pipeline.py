@@ -1,14 +1,18 @@
 """The Ray Data pipeline on a real local Ray cluster, real H.264 files and the real OpenPack JPEG frames."""
 
+import dataclasses
 import json
+import os
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from opsvlm.data.clips import ClipConfig
-from opsvlm.data.openpack import annotation_path, video_path
-from opsvlm.data.pipeline import PrepareConfig, frames_of, prepare
+from opsvlm.data.openpack import annotation_path, discover_sessions, video_path
+from opsvlm.data.pipeline import PrepareConfig, clip_dataset, frames_of, plan_sessions, prepare
+from opsvlm.video.decode import ClipWindow, iter_session_clips
 from opsvlm.video.sampling import SamplingSpec
 from tests.conftest import make_session
 
@@ -134,3 +138,54 @@ def test_everything_rejected_still_writes_a_summary(ray_local, tmp_path, sample_
     assert summary["clips_rejected"] == summary["clips_total"] > 500
     assert set(summary["rejected_reasons"]) == {"beyond_media_end"}
     assert json.loads((out / "summary.json").read_text())["clips_rejected"] == summary["clips_rejected"]
+
+
+def test_sessions_cut_into_many_tasks_give_every_clip_once_and_a_hang_is_rejected(ray_local, tmp_path):
+    source = tmp_path / "src"
+    for subject in ("U0101", "U0102"):
+        make_session(source, subject, "S0100", OPS)
+    make_session(source, "U0103", "S0100", OPS[:2])  # 7 s: 3 clips, 2 tasks (each waits for its deadline)
+    sources = discover_sessions(source)
+    hang = tmp_path / "hang.mp4"
+    os.mkfifo(hang)  # decord blocks opening a FIFO nobody writes to: a real hang, killed at the deadline
+    sources = [dataclasses.replace(s, media=str(hang)) if s.subject == "U0103" else s for s in sources]
+    out = tmp_path / "prepared"
+    cfg = dataclasses.replace(config(source, out), clips_per_task=2, decode_deadline_s=20, split_fractions=(1, 0, 0))
+
+    summary = prepare(cfg, sources)
+    assert summary["clips_total"] == 13 and summary["clips_unaccounted"] == 0
+    assert summary["clips_written"] == 10 and summary["rejected_reasons"] == {"decode_timeout": 3}, summary
+    rejected = read_split(out, "rejected")
+    assert {row["subject"] for row in rejected} == {"U0103"} and all("within 20 s" in r["detail"] for r in rejected)
+    # 5 clips per session in tasks of at most 2 clips: 3 shard files per good session, every clip exactly once
+    files = sorted(p.name for p in (out / "clips" / "split=train").glob("*.parquet"))
+    assert files == [f"{s}_S0100_{part:04d}.parquet" for s in ("U0101", "U0102") for part in range(3)]
+    rows = read_split(out, "train")
+    assert sorted(r["clip_id"] for r in rows) == [f"{s}/S0100/{i:05d}" for s in ("U0101", "U0102") for i in range(5)]
+    # the frames equal a decode of the whole session in one pass
+    windows = [ClipWindow(r["clip_id"], r["start_s"], r["end_s"]) for r in rows if r["subject"] == "U0101"]
+    whole = {c.clip_id: c for c in iter_session_clips(rows[0]["source"], "video", windows, cfg.sampling)}
+    for row in rows:
+        if row["subject"] == "U0101":
+            assert np.array_equal(frames_of(row), whole[row["clip_id"]].frames)
+            assert np.allclose(row["frame_times_s"], whole[row["clip_id"]].frame_times_s)
+    # raw pixels are stored as they are; the small columns keep Parquet's compression
+    meta = pq.ParquetFile(out / "clips" / "split=train" / files[0]).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert columns["frames"].compression == "UNCOMPRESSED" and columns["clip_id"].compression == "SNAPPY"
+
+    # a second run into the same folder replaces the first run's shards (no clip counted twice)
+    again = prepare(dataclasses.replace(cfg, clips_per_task=5), sources)
+    assert again["clips_written"] == 10 and again["clips_rejected"] == 3 and again["clips_unaccounted"] == 0
+    assert len(read_split(out, "train")) == 10
+
+
+def test_clip_dataset_streams_the_same_clips(ray_local, tmp_path):
+    source = tmp_path / "src"
+    make_session(source, "U0101", "S0100", OPS)
+    cfg = config(source, tmp_path / "unused")
+    sources = discover_sessions(source)
+    plan = plan_sessions(sources, cfg.clips, {"U0101": "train"})
+    rows = clip_dataset(plan, cfg.sampling, deadline_s=30, num_cpus=0.5, clips_per_task=2).take_all()
+    assert sorted(r["clip_id"] for r in rows) == [f"U0101/S0100/{i:05d}" for i in range(5)]
+    assert all(r["split"] == "train" and r["status"] == "ok" and frames_of(r).shape == (4, 56, 56, 3) for r in rows)

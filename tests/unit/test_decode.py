@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from opsvlm.data.openpack import frame_time_from_name, list_frames
+from opsvlm.video import decode
 from opsvlm.video.decode import (
     ClipFrames,
     ClipRejection,
     ClipWindow,
+    decode_session_views,
     decode_session_with_deadline,
     iter_session_clips,
     sample_frames,
@@ -155,3 +157,23 @@ def test_index_encoded_video_samples_the_expected_frames(tmp_path):
     write_video(path, (index_frame(i) for i in range(30)), FPS)
     (result,) = iter_session_clips(str(path), "video", [ClipWindow("c", 0.0, 2.0)], SamplingSpec(frames_per_clip=4))
     assert [frame_index_of(f) for f in result.frames] == uniform_indices(30, 4).tolist()
+
+
+@pytest.mark.parametrize("ring_bytes", [200_000, 50_000])  # a few clips (wraps, waits for room); under one clip
+def test_pixels_through_a_small_shared_ring_arrive_intact(gradient_video, monkeypatch, ring_bytes):
+    # A fresh decoder with a tiny ring: 21 clips of 75 KB wrap it many times, and the decoder must wait for the
+    # caller to finish with each view before reusing its room; at 50 KB a clip does not fit and takes the pipe.
+    monkeypatch.setattr(decode, "RING_BYTES", ring_bytes)
+    monkeypatch.setattr(decode, "_IDLE_DECODERS", [])
+    spec = SamplingSpec(strategy="uniform", frames_per_clip=8, max_pixels=56 * 84)
+    clips = clips_every(0.5, 2.0, 21)
+    expected = by_id(iter_session_clips(gradient_video, "video", clips, spec))
+    held = list(decode_session_with_deadline(gradient_video, "video", clips, spec, 60))  # owned copies, kept
+    assert [r.clip_id for r in held] == list(expected) and all(isinstance(r, ClipFrames) for r in held)
+    for result in held:
+        assert np.array_equal(result.frames, expected[result.clip_id].frames)
+    for result in decode_session_views(gradient_video, "video", clips, spec, 60):  # views, used before the next
+        assert np.array_equal(result.frames, expected[result.clip_id].frames)
+        assert np.allclose(result.frame_times_s, expected[result.clip_id].frame_times_s)
+    for decoder in decode._IDLE_DECODERS:
+        decoder.kill()
