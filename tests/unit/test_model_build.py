@@ -251,7 +251,7 @@ def test_nan_advice_names_the_fix() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"quantization": "int8"}, "quantization"),
+        ({"quantization": "int4"}, "quantization"),
         ({"compute_dtype": "fp16"}, "compute_dtype"),
         ({"attn_implementation": "flash"}, "attn_implementation"),
         ({"name": ""}, "name"),

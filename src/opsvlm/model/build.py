@@ -82,7 +82,8 @@ class ModelConfig:
 
     Attributes:
         name: ``"tiny"``, a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``) or a local checkpoint directory.
-        quantization: ``"nf4"`` (QLoRA: 4-bit language model, vision tower and lm_head unquantized) or ``"none"``.
+        quantization: ``"nf4"`` (QLoRA: 4-bit language model, vision tower and lm_head unquantized), ``"int8"``
+            (LLM.int8 on the same modules; inference only, training refuses it) or ``"none"``.
         compute_dtype: ``"auto"`` (see :func:`resolve_compute_dtype`), ``"float32"``, ``"float16"`` or
             ``"bfloat16"``. Dtype of the unquantized weights and of the 4-bit matmuls.
         lora: Adapter settings.
@@ -188,19 +189,40 @@ def resolve_compute_dtype(name: str, device: str | torch.device | None = None) -
     return _DTYPES[name]
 
 
+def check_trainable_quantization(quantization: str) -> None:
+    """Reject a quantization that training does not support (``int8``), naming the alternatives.
+
+    LLM.int8 does load, and a LoRA step on it runs on CPU with bitsandbytes 0.50.2, but training is built for nf4 and
+    none only: the memory planner, the ZeRO checks, ``prepare_for_training`` and the loop's device placement. nf4 is
+    also smaller than int8 and its matmuls are cheaper than int8's outlier decomposition, so int8 training would buy
+    nothing. int8 stays available for inference (quantization study, serving).
+
+    Raises:
+        ValueError: ``quantization`` is not one of :data:`opsvlm.model.quant.TRAINING_QUANTIZATIONS`.
+    """
+    if quantization not in quant.TRAINING_QUANTIZATIONS:
+        raise ValueError(
+            f"model.quantization={quantization!r} is for inference only (Predictor, quantization study, serving); "
+            f"train with one of {list(quant.TRAINING_QUANTIZATIONS)} (nf4 = QLoRA) and evaluate the adapter with "
+            f"quantization={quantization!r}"
+        )
+
+
 def check_zero_compat(quantization: str, zero_stage: int) -> None:
-    """Reject DeepSpeed setups that cannot work, before any worker starts.
+    """Reject training setups that cannot work, before any worker starts.
 
     ZeRO-3 partitions every parameter across ranks; DeepSpeed cannot partition bitsandbytes ``Params4bit`` (packed
-    uint8 data plus a separate quantization state), so a 4-bit base fails at engine init or produces garbage.
+    uint8 data plus a separate quantization state), so a 4-bit base fails at engine init or produces garbage. int8
+    is refused for training altogether (:func:`check_trainable_quantization`).
 
     Args:
         quantization: ``ModelConfig.quantization``.
         zero_stage: DeepSpeed ZeRO stage, 0 (no DeepSpeed / DDP) to 3.
 
     Raises:
-        ValueError: Unknown stage, or ``nf4`` with ZeRO-3.
+        ValueError: Unknown stage, ``int8``, or ``nf4`` with ZeRO-3.
     """
+    check_trainable_quantization(quantization)
     if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     if quantization == "nf4" and zero_stage == 3:
@@ -275,7 +297,7 @@ def load_base_model(config: ModelConfig, device_map: Any = None) -> Any:
         The model, in eval mode as ``from_pretrained`` leaves it.
 
     Raises:
-        RuntimeError: nf4 was requested but the quantization did not take the expected layout.
+        RuntimeError: nf4 or int8 was requested but the quantization did not take the expected layout.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -287,9 +309,9 @@ def load_base_model(config: ModelConfig, device_map: Any = None) -> Any:
         attn_implementation=config.attn_implementation,
         device_map=device_map,
     )
-    if config.quantization == "nf4":
+    if config.quantization != "none":
         # Cheap guard against the skip list silently not matching (it depends on transformers' module paths).
-        quant.check_quantized_layout(model)
+        quant.check_quantized_layout(model, config.quantization)
     return model
 
 
@@ -337,10 +359,12 @@ def prepare_for_training(model: Any, config: ModelConfig) -> tuple[Any, dict[str
         (number of adapted Linears).
 
     Raises:
-        ValueError: ``config.quantization`` does not match the model, or ``lora.targets`` matches no Linear.
+        ValueError: ``config.quantization`` is ``int8`` (inference only) or does not match the model, or
+            ``lora.targets`` matches no Linear.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    check_trainable_quantization(config.quantization)
     if quant.is_quantized(model) != (config.quantization == "nf4"):
         raise ValueError(
             f"model.quantization={config.quantization!r} but the model is "
