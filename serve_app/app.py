@@ -73,7 +73,7 @@ class AppArgs(BaseModel):
         tracking_uri: MLflow tracking/registry URI; empty: ``MLFLOW_TRACKING_URI`` or the local store.
         model_cache_dir: Where replicas download checkpoints (one folder per version, reused); empty: a temporary
             directory per replica.
-        quantization: Override how the base is loaded (``none`` / ``nf4``); default: as trained.
+        quantization: Override how the base is loaded (``none`` / ``int8`` / ``nf4``); default: as trained.
         poll_interval_s: How often the Predictor checks an alias reference for a new version (0: never).
         separate_decoder: Decode on a ``Decoder`` deployment instead of in the Ingress.
         use_gpu: One GPU per Predictor replica: ``true``, ``false`` or ``auto`` (if the cluster has GPUs).
@@ -91,7 +91,7 @@ class AppArgs(BaseModel):
     model: str = "models:/opsvlm@champion"
     tracking_uri: str = ""
     model_cache_dir: str = ""
-    quantization: Literal["none", "nf4"] | None = None
+    quantization: Literal["none", "int8", "nf4"] | None = None
     poll_interval_s: float = Field(10.0, ge=0)
     separate_decoder: bool = False
     use_gpu: bool | Literal["auto"] = "auto"
