@@ -80,6 +80,8 @@ def test_two_worker_run_logs_to_mlflow_server_and_checkpoint_serves(
     from mlflow import MlflowClient
 
     config = train_config(prepared_clips, tiny_model_dir, tmp_path / "ray", mlflow_server)
+    # Metrics written in batches of 2 steps, and at the step-3 checkpoint and the end: every path of the buffer.
+    config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, log_every_steps=2))
     result = fit(config)
     assert result.steps == 6 and result.metrics["step"] == 6
 
@@ -99,6 +101,15 @@ def test_two_worker_run_logs_to_mlflow_server_and_checkpoint_serves(
     losses = client.get_metric_history(result.run_id, "train_loss")
     assert all(math.isfinite(m.value) and m.value > 0 for m in losses)
     assert all(m.value > 0 for m in client.get_metric_history(result.run_id, "tokens_per_s"))
+    # Each step keeps its own wall-clock timestamp although the values were written in batches.
+    stamps = [m.timestamp for m in sorted(losses, key=lambda m: m.step)]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), stamps
+    # Every worker's peak RSS, in the final metrics and in the run (a real process holds at least the model).
+    for rank in (0, 1):
+        (rss,) = client.get_metric_history(result.run_id, f"peak_rss_mb_rank{rank}")
+        assert rss.step == 6 and rss.value == result.metrics[f"peak_rss_mb_rank{rank}"] and rss.value > 100
+    per_rank = [result.metrics["peak_rss_mb_rank0"], result.metrics["peak_rss_mb_rank1"]]
+    assert result.metrics["peak_rss_mb"] == max(per_rank)
     val_losses = client.get_metric_history(result.run_id, "val_loss")
     assert val_losses and all(math.isfinite(m.value) for m in val_losses)
 

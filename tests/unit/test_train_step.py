@@ -172,3 +172,61 @@ def test_deepspeed_zero2_steps_and_resumes(tiny_dir: str, batch, single_process_
     assert _step(resumed, batch) == pytest.approx(expected_loss, rel=1e-5)
     for name, value in _lora_state(resumed_model).items():
         torch.testing.assert_close(value, expected_state[name], rtol=1e-5, atol=1e-6)
+
+
+# --- buffered per-step metrics -------------------------------------------------------------------------------------
+
+
+def test_metric_buffer_writes_every_n_steps_with_each_steps_own_timestamp(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from opsvlm.tracking import MetricBuffer, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(ensure_experiment("buffer", uri)).info.run_id
+    buffer = MetricBuffer(run_id, uri, every_steps=3)
+
+    def written(key: str) -> list[tuple[int, float, int]]:
+        return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+
+    stamps = [1_700_000_000.0 + 2.5 * step for step in range(1, 8)]
+    for step in range(1, 8):
+        buffer.add({"train_loss": 10.0 / step, "samples_per_s": float(step)}, step=step, timestamp=stamps[step - 1])
+        flushed = 3 * (step // 3)  # a write after steps 3 and 6, none before
+        assert [s for s, _, _ in written("train_loss")] == list(range(1, flushed + 1)), step
+        assert buffer.pending == 2 * (step - flushed)
+    buffer.flush()
+    assert buffer.pending == 0
+    assert written("train_loss") == [(s, pytest.approx(10.0 / s), int(stamps[s - 1] * 1000)) for s in range(1, 8)]
+    assert [(s, v) for s, v, _ in written("samples_per_s")] == [(s, float(s)) for s in range(1, 8)]
+    buffer.flush()  # nothing pending: no write, no duplicates
+    assert len(written("train_loss")) == 7
+
+
+def test_metric_buffer_keeps_values_when_a_write_fails(tmp_path) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from opsvlm.tracking import MetricBuffer, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(ensure_experiment("buffer", uri)).info.run_id
+    buffer = MetricBuffer(run_id, uri, every_steps=10)
+    buffer.add({"train_loss": 1.0}, step=1)
+    client.delete_run(run_id)  # a deleted run refuses writes
+    with pytest.raises(MlflowException):
+        buffer.flush()
+    assert buffer.pending == 1  # not silently dropped
+    client.restore_run(run_id)
+    buffer.flush()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [(1, 1.0)]
+
+
+def test_log_every_steps_is_validated() -> None:
+    from opsvlm.train.config import TrackingSettings
+
+    assert TrackingSettings().log_every_steps == 10
+    with pytest.raises(ValueError, match=r"tracking\.log_every_steps"):
+        TrackingSettings(log_every_steps=0)

@@ -128,12 +128,22 @@ class TrackingSettings:
         experiment: Experiment name.
         run_name: Run name (empty: MLflow picks one).
         log_system_metrics: Log CPU/GPU/memory utilisation from the rank-0 worker.
+        log_every_steps: Rank 0 buffers the per-step metrics (each keeps its own step and timestamp) and writes them
+            to MLflow in one batch every this many optimizer steps, and always before a checkpoint, at the end of an
+            epoch, at the end of training and before it stops on an error. A synchronous write per step stalls every
+            worker at the next all-reduce; 1 writes every step. Steps buffered when a worker dies are not lost for
+            good: training resumes from the latest checkpoint, before which everything was written, and redoes them.
     """
 
     tracking_uri: str = ""
     experiment: str = "opsvlm"
     run_name: str = ""
     log_system_metrics: bool = True
+    log_every_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.log_every_steps < 1:
+            raise ValueError(f"tracking.log_every_steps must be >= 1, got {self.log_every_steps}")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,11 @@ ACCELERATOR_TYPES = {
     "A100-80": "A100-80G",
     "H100-80": "H100",
 }
+# DDP options. Module buffers here are constants (rotary inverse frequencies, synced once when DDP wraps the model);
+# re-broadcasting them from rank 0 before every forward is one more blocking collective per micro-batch that changes
+# nothing. Gradients as views into the all-reduce buckets save a copy of the trainable gradients (memory). Frozen
+# parameters (the base model) get no gradient hooks or buckets: DDP registers only those with requires_grad.
+DDP_KWARGS = {"forward_sync_buffers": False, "gradient_as_bucket_view": True}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -141,7 +146,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         trained = engine
     elif world > 1:
-        trained = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
+        trained = ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy="ddp", parallel_strategy_kwargs=DDP_KWARGS
+        )
     else:
         trained = model
     peft_model = model  # the unwrapped module, for saving
@@ -167,8 +174,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mlflow = _start_mlflow(loop_config, config) if rank == 0 else None
     if mlflow is not None and checkpoint is None:
         mlflow.log_params({f"model_report.{k}": v for k, v in report.items()})
+    metric_log = None  # rank 0: per-step metrics, written in batches (tracking.log_every_steps)
+    if mlflow is not None:
+        from opsvlm.tracking import MetricBuffer
+
+        metric_log = MetricBuffer(loop_config["run_id"], loop_config["tracking_uri"], config.tracking.log_every_steps)
 
     def save_and_report(metrics: dict) -> None:
+        if metric_log is not None:
+            metric_log.flush()  # everything up to a checkpoint is written: a restart redoes only later steps
         with tempfile.TemporaryDirectory() as directory:
             if engine is not None:  # every rank writes its ZeRO partition; Ray merges the directories
                 # tag "latest" would collide with DeepSpeed's own "latest" pointer file; frozen base weights are
@@ -204,10 +218,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["val_rows_per_worker"] else None
     pad_id = processor.tokenizer.pad_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad]
     trained.train()
     finished = step >= total_steps
     while not finished and epoch < epochs:
-        micro_in_step, window_start, window_samples, window_tokens, loss_sum = 0, time.perf_counter(), 0, 0, 0.0
+        # The throughput clock is read once per optimizer step, after all of that step's work, so each step's figure
+        # covers everything since the previous step: data, encoding, compute, all-reduce, metric writes, checkpoints.
+        # It restarts with each epoch (after the previous epoch's validation).
+        micro_in_step, step_clock, window_samples, window_tokens, loss_sum = 0, time.perf_counter(), 0, 0, 0.0
         batches = _batches(
             shard,
             optim.micro_batch,
@@ -234,11 +252,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         engine.backward(loss)
                     else:
                         (loss / optim.grad_accum).backward()
-            if not torch.isfinite(loss):
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                if metric_log is not None:  # the steps before it stay in the run's history
+                    metric_log.flush()
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step} (rank {rank}). {build.nan_advice(compute_dtype)}"
+                    f"loss is {loss_value} at step {step} (rank {rank}). {build.nan_advice(compute_dtype)}"
                 )
-            loss_sum += loss.item()
+            loss_sum += loss_value
             window_samples += len(rows)
             window_tokens += int(batch["attention_mask"].sum())
             micro_in_step += 1
@@ -248,15 +269,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             if engine is None:
                 if optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             batches_done += 1
-            elapsed = time.perf_counter() - window_start
-            if mlflow is not None:
-                mlflow.log_metrics(
+            now = time.perf_counter()
+            elapsed, step_clock = now - step_clock, now
+            if metric_log is not None:
+                metric_log.add(
                     {
                         "train_loss": loss_sum / micro_in_step,
                         "learning_rate": scheduler.get_last_lr()[0],
@@ -265,7 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     },
                     step=step,
                 )
-            micro_in_step, window_start, window_samples, window_tokens, loss_sum = 0, time.perf_counter(), 0, 0, 0.0
+            micro_in_step, window_samples, window_tokens, loss_sum = 0, 0, 0, 0.0
             if config.kill_worker_at_step == step and rank == world - 1:
                 marker = Path(loop_config["kill_marker"])
                 if not marker.exists():
@@ -277,16 +299,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 finished = True
                 break
         val_loss = _validation_loss(trained, val_shard, processor, task, device, compute_dtype, loop_config)
-        if mlflow is not None and val_loss is not None:
-            mlflow.log_metric("val_loss", val_loss, step=step)
+        if metric_log is not None:
+            if val_loss is not None:
+                metric_log.add({"val_loss": val_loss}, step=step)
+            metric_log.flush()
         epoch += 1
         batches_done = 0
         if not finished and epoch < epochs:
             save_and_report({"step": step, "epoch": epoch, "val_loss": val_loss})
-    final = {"step": step, "epoch": epoch, "peak_rss_mb": _peak_rss_mb()}
+    final = {"step": step, "epoch": epoch, **_peak_rss_by_rank()}
     if torch.cuda.is_available():
         final["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    save_and_report(final)
+    if metric_log is not None:
+        metric_log.add({k: v for k, v in final.items() if k.startswith("peak_rss_mb_rank")}, step=step)
+    save_and_report(final)  # flushes the metrics
     if mlflow is not None:
         mlflow.end_run()
 
@@ -297,6 +323,18 @@ def _loss(model, batch: dict, weights: torch.Tensor | None) -> torch.Tensor:
     if weights is None:
         return outputs.loss
     return weighted_answer_loss(outputs.logits, batch["labels"], weights)
+
+
+def _peak_rss_by_rank() -> dict[str, float]:
+    """Every worker's peak RSS in MB (``peak_rss_mb_rank0``, ``peak_rss_mb_rank1``, ...) and the largest of them
+    (``peak_rss_mb``). A collective when training is distributed: every rank must call it."""
+    own = _peak_rss_mb()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, own)
+    else:
+        gathered = [own]
+    return {"peak_rss_mb": max(gathered), **{f"peak_rss_mb_rank{i}": value for i, value in enumerate(gathered)}}
 
 
 @torch.no_grad()
