@@ -268,8 +268,12 @@ def evaluate(config: EvalConfig) -> EvalResult:
     eval_split = split_id(config.split, [r["clip_id"] for r in rows])
     train_run_id = described.get("run_id", "")
     experiment_id = ensure_experiment(config.tracking.experiment, tracking_uri)
-    tags = {"opsvlm.job": "evaluate", "opsvlm.eval_split": eval_split, "opsvlm.model_ref": config.model}
-    tags["opsvlm.task"] = task_name
+    tags = {
+        "opsvlm.job": "evaluate",
+        "opsvlm.task": task_name,
+        "opsvlm.eval_split": eval_split,
+        "opsvlm.model_ref": config.model,
+    }
     if train_run_id:
         tags.update({"mlflow.parentRunId": train_run_id, "opsvlm.train_run_id": train_run_id})
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.tracking.run_name or None, tags=tags) as run:
@@ -335,7 +339,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 
 def _label_rows(dataset) -> list[dict]:
-    """Every row of a Ray Dataset without its pixel columns (binary), sorted by nothing: in dataset order."""
+    """Every row of a Ray Dataset without its pixel (binary) columns, in dataset order."""
     import pyarrow as pa
 
     schema = dataset.schema()
