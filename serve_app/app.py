@@ -57,6 +57,7 @@ from opsvlm.serving import (
     predict_clips,
     predict_objects,
 )
+from opsvlm.tracking import resolve_tracking_uri
 from opsvlm.video.sampling import SamplingSpec
 
 logger = logging.getLogger("ray.serve")
@@ -380,6 +381,9 @@ def build_app(args: dict[str, Any]) -> Application:
     settings = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     settings.limits()  # fail at deploy time, not in every replica
     plain = settings.model_dump()
+    # An empty tracking URI means MLFLOW_TRACKING_URI or the local store in ./mlruns: resolve it here, in the process
+    # `serve run` / `serve deploy` starts from the repository root, so replicas find the same store wherever they run.
+    plain["tracking_uri"] = resolve_tracking_uri(settings.tracking_uri)
     # Each deployment gets only the args it uses: the Predictor's init args then do not change with the limits.
     model_args = {k: v for k, v in plain.items() if k in _PREDICTOR_ARGS}
     limit_args = {k: v for k, v in plain.items() if k in _LIMIT_ARGS}
