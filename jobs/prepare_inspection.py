@@ -13,8 +13,8 @@ Submit to a cluster::
 Writes ``<out>/examples/split={train,val,test}/*.parquet`` (one row per object: the image resized with the model's
 SamplingSpec and the object's box drawn on it, a close-up of the object, its box, type, condition and the other
 objects), ``<out>/rejected/`` (objects of images that failed to decode), ``<out>/manifest.json`` (counts per split
-and class) and ``<out>/summary.json`` (every image and object accounted for). Any other config field can be overridden as
-``key=value`` (see ``opsvlm.data.inspection_prep.InspectionPrepConfig``), or given in a YAML preset.
+and class) and ``<out>/summary.json`` (every image and object accounted for). Any other config field can be
+overridden as ``key=value`` (see ``opsvlm.data.inspection_prep.InspectionPrepConfig``), or given in a YAML preset.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from opsvlm.tasks.base import Task, get_task
-from opsvlm.tasks.operations import ANSWER_PARTS, TIME_STEP, ClipInput, Prediction, time_choices  # noqa: F401
+from opsvlm.tasks.operations import ClipInput, Prediction, time_choices  # noqa: F401  (the clip task's types, re-exported)
 from opsvlm.train.examples import END_OF_TURN, model_inputs, prompt_text
 from opsvlm.video.sampling import SamplingSpec
 

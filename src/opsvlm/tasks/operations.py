@@ -141,10 +141,6 @@ class Prediction:
         }
 
 
-# Kept as the name the rest of the code base used before tasks existed.
-ClipAnswer = Prediction
-
-
 def instruction(clip_length_s: float, frame_times_s: list[float] | tuple[float, ...]) -> str:
     """The user instruction for one clip. Frame times are stated because sampled frames need not be evenly spaced.
 
@@ -159,12 +155,6 @@ def instruction(clip_length_s: float, frame_times_s: list[float] | tuple[float, 
         f"Operations: {labels}. Reply with JSON: the dominant operation, its start_s and end_s inside the clip, "
         "and the next operation."
     )
-
-
-def chat_messages(clip_length_s: float, frame_times_s) -> list[dict]:
-    """Chat messages (Qwen chat-template format) asking about one clip; the video goes where ``{"type": "video"}``
-    stands."""
-    return OperationsTask().messages(ClipInput(np.empty((0, 0, 0, 3), np.uint8), list(frame_times_s), clip_length_s))
 
 
 def target_text(operation: str, start_s: float, end_s: float, next_operation: str) -> str:
