@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,10 @@ from pathlib import Path
 from opsvlm.config import load_config
 from opsvlm.data.inspection_prep import InspectionPrepConfig, prepare_inspection
 from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
-from opsvlm.evaluate.run import EvalConfig, evaluate, format_table
+from opsvlm.evaluate.run import EvalConfig
 from opsvlm.runtime import init_ray
 from opsvlm.train.config import TrackingSettings, TrainConfig
-from opsvlm.train.loop import fit
+from opsvlm.workflow import train_evaluate_promote
 
 DEFAULT_PRESET = Path(__file__).parent / "configs" / "inspection_tiny.yaml"
 
@@ -72,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
     config = load_config(InspectionPipelineConfig, args.config, overrides)
-    from opsvlm import registry
-
     work = Path(config.workdir).resolve()
     tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
     init_ray(args.address)
@@ -94,51 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    # 3. train with Ray Train, tracked in MLflow
-    train_config = dataclasses.replace(
+    # 3-5. train, evaluate next to the baselines, register and promote (opsvlm.workflow)
+    train_evaluate_promote(
         config.train,
-        data=dataclasses.replace(config.train.data, prepared=str(work / "prepared")),
-        storage_path=str(work / "ray"),
-        tracking=dataclasses.replace(tracking, run_name="train"),
-    )
-    trained = fit(train_config)
-    print(f"[3/5] trained: run {trained.run_id}, {trained.steps} steps", flush=True)
-
-    # 4. evaluate on the test split: fine-tuned vs majority vs zero-shot, with the task's metrics
-    eval_config = dataclasses.replace(
         config.evaluate,
-        model=trained.run_id,
-        data=str(work / "prepared"),
-        tracking=dataclasses.replace(tracking, run_name="evaluate"),
-    )
-    evaluated = evaluate(eval_config)
-    print(f"[4/5] evaluated: run {evaluated.run_id}", flush=True)
-
-    # 5. register and promote if better than the champion (on macro-F1, the task's headline metric)
-    version = registry.register_version(
-        trained.run_id,
-        name=config.model_name,
-        metrics=evaluated.metrics,
-        eval_split=evaluated.eval_split,
-        eval_run_id=evaluated.run_id,
-        tracking_uri=config.tracking_uri or None,
-    )
-    decision = registry.promote(config.model_name, version.version, tracking_uri=config.tracking_uri or None)
-    print(f"[5/5] {decision}", flush=True)
-
-    print("\n" + format_table(evaluated.table))
-    print(
-        json.dumps(
-            {
-                "train_run_id": trained.run_id,
-                "eval_run_id": evaluated.run_id,
-                "model_name": config.model_name,
-                "model_version": version.version,
-                "promoted": decision.promoted,
-                "macro_f1": evaluated.metrics["macro_f1"],
-                "accuracy": evaluated.metrics["accuracy"],
-            }
-        )
+        prepared=work / "prepared",
+        workdir=work,
+        tracking=tracking,
+        model_name=config.model_name,
     )
     return 0
 

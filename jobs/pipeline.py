@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,11 @@ from opsvlm.config import load_config
 from opsvlm.data.clips import ClipConfig
 from opsvlm.data.pipeline import PrepareConfig, prepare
 from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
-from opsvlm.evaluate.run import EvalConfig, evaluate, format_table
+from opsvlm.evaluate.run import EvalConfig
 from opsvlm.runtime import init_ray
 from opsvlm.train.config import TrackingSettings, TrainConfig
-from opsvlm.train.loop import fit
 from opsvlm.video.sampling import SamplingSpec
+from opsvlm.workflow import train_evaluate_promote
 
 DEFAULT_PRESET = Path(__file__).parent / "configs" / "pipeline_tiny.yaml"
 
@@ -70,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
     config = load_config(PipelineConfig, args.config, overrides)
-    from opsvlm import registry
-
     work = Path(config.workdir).resolve()
     tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
     init_ray(args.address)
@@ -85,49 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare(prepare_config)
     print(f"[2/5] prepared {prepared['clips_written']} clips ({prepared['clips_rejected']} rejected)", flush=True)
 
-    # 3. train with Ray Train, tracked in MLflow
-    train_config = dataclasses.replace(
+    # 3-5. train, evaluate next to the baselines, register and promote (opsvlm.workflow)
+    train_evaluate_promote(
         config.train,
-        data=dataclasses.replace(config.train.data, prepared=str(work / "prepared")),
-        storage_path=str(work / "ray"),
-        tracking=dataclasses.replace(tracking, run_name="train"),
-    )
-    trained = fit(train_config)
-    print(f"[3/5] trained: run {trained.run_id}, {trained.steps} steps", flush=True)
-
-    # 4. evaluate on held-out subjects, with baselines
-    eval_config = dataclasses.replace(
         config.evaluate,
-        model=trained.run_id,
-        data=str(work / "prepared"),
-        tracking=dataclasses.replace(tracking, run_name="evaluate"),
-    )
-    evaluated = evaluate(eval_config)
-    print(f"[4/5] evaluated: run {evaluated.run_id}", flush=True)
-
-    # 5. register and promote if better than the champion
-    version = registry.register_version(
-        trained.run_id,
-        name=config.model_name,
-        metrics=evaluated.metrics,
-        eval_split=evaluated.eval_split,
-        eval_run_id=evaluated.run_id,
-        tracking_uri=config.tracking_uri or None,
-    )
-    decision = registry.promote(config.model_name, version.version, tracking_uri=config.tracking_uri or None)
-    print(f"[5/5] {decision}", flush=True)
-
-    print("\n" + format_table(evaluated.table))
-    print(
-        json.dumps(
-            {
-                "train_run_id": trained.run_id,
-                "eval_run_id": evaluated.run_id,
-                "model_version": version.version,
-                "promoted": decision.promoted,
-                "weighted_score": evaluated.metrics["weighted_score"],
-            }
-        )
+        prepared=work / "prepared",
+        workdir=work,
+        tracking=tracking,
+        model_name=config.model_name,
     )
     return 0
 
