@@ -1445,19 +1445,20 @@ class LocalBackend:
     ) -> list[DecodedClip | ServingError]:
         return await asyncio.to_thread(decode_media, media, windows, spec, self.limits)
 
-    async def predict(self, clips: Sequence[DecodedClip]) -> list[dict[str, Any]]:
-        def run() -> list[dict[str, Any]]:
+    async def _with_model(self, predict: Callable[..., Any], *args: Any) -> Any:
+        """``predict(current model, *args)`` in a worker thread, one prediction at a time."""
+
+        def run() -> Any:
             with self._lock:
-                return predict_clips(self.watcher.current, clips)
+                return predict(self.watcher.current, *args)
 
         return await asyncio.to_thread(run)
+
+    async def predict(self, clips: Sequence[DecodedClip]) -> list[dict[str, Any]]:
+        return await self._with_model(predict_clips, clips)
 
     async def predict_objects(self, image: np.ndarray, detections: Sequence[Any]) -> dict[str, Any]:
-        def run() -> dict[str, Any]:
-            with self._lock:
-                return predict_objects(self.watcher.current, image, detections)
-
-        return await asyncio.to_thread(run)
+        return await self._with_model(predict_objects, image, detections)
 
     async def status(self) -> dict[str, Any]:
         return self.watcher.status()
