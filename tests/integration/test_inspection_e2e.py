@@ -10,11 +10,11 @@ with the others, not how well a tiny model learns (``jobs/inspection_pipeline.py
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from opsvlm.config import load_config
@@ -24,6 +24,7 @@ from opsvlm.data.yolo import CONDITION_CLASSES, class_condition, read_dataset
 from opsvlm.evaluate.run import EvalConfig, evaluate
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.train.loop import fit
+from opsvlm.video.encode import write_video
 from opsvlm.video.sampling import SamplingSpec
 from tests.integration.conftest import free_port
 
@@ -183,7 +184,7 @@ def test_serve_classifies_every_detected_object(http, trained, scenes):
         assert sum(answer["scores"].values()) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_serve_refuses_bad_object_requests_and_stays_up(http, scenes):
+def test_serve_refuses_bad_object_requests_and_stays_up(http, scenes, tmp_path):
     data, detections = _image_and_detections(scenes)
     bad = [
         ({"file": ("site.jpg", data, "image/jpeg")}, {}, 422, "missing_detections"),
@@ -209,10 +210,12 @@ def test_serve_refuses_bad_object_requests_and_stays_up(http, scenes):
         if code:
             assert response.json()["error"] == code
         assert http.get("/health").status_code == 200
-    # a video request to an inspection model is refused, clearly
-    video = io.BytesIO(b"\x00" * 64)
-    response = http.post("/predict", files={"file": ("clip.mp4", video.getvalue(), "video/mp4")})
-    assert response.status_code in (409, 422)
+    # a good video sent to an inspection model decodes, then the task check refuses it
+    video = tmp_path / "clip.mp4"
+    write_video(video, (np.full((56, 56, 3), 8 * i, np.uint8) for i in range(30)), 15)
+    response = http.post("/predict", files={"file": ("clip.mp4", video.read_bytes(), "video/mp4")})
+    assert response.status_code == 409 and response.json()["error"] == "wrong_task", response.text
+    assert "/predict_objects" in response.json()["detail"]
     good = http.post(
         "/predict_objects",
         files={"file": ("site.jpg", data, "image/jpeg")},
