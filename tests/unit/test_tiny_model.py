@@ -236,7 +236,7 @@ def test_other_seed_replaces_incomplete_cache_entry(tiny_dir: Path, tmp_path: Pa
     assert other == stale and tiny.is_complete(other)
     assert _sha256(other / "model.safetensors") != _sha256(tiny_dir / "model.safetensors")
     assert _sha256(other / "tokenizer.json") == _sha256(tiny_dir / "tokenizer.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [stale.name]
 
 
 def test_ensure_tiny_model_reuses_cache(cache_dir: Path, tiny_dir: Path) -> None:
@@ -249,6 +249,30 @@ def test_ensure_tiny_model_reuses_cache(cache_dir: Path, tiny_dir: Path) -> None
     assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
     assert tiny.resolve_model_source("tiny", cache_dir=cache_dir) == str(tiny_dir)
     assert tiny.resolve_model_source("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def _build_and_load(cache_dir: str) -> tuple[str, int]:
+    """One racing process: ensure the checkpoint, then load it exactly as a training worker does."""
+    path = tiny.ensure_tiny_model(cache_dir)
+    loaded = AutoModelForImageTextToText.from_pretrained(path)
+    AutoProcessor.from_pretrained(path)
+    return str(path), tiny.count_parameters(loaded)
+
+
+def test_processes_racing_on_an_empty_cache_all_get_one_complete_checkpoint(tmp_path: Path) -> None:
+    # The first-run crash: two Ray Train workers built the fixture into the same empty cache at once; one failed
+    # its rename, the other loaded a directory without weights. Four processes start together here.
+    import multiprocessing
+
+    cache = tmp_path / "empty_cache"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.map(_build_and_load, [str(cache)] * 4)
+    assert len({path for path, _ in results}) == 1
+    assert len({n for _, n in results}) == 1
+    final = Path(results[0][0])
+    assert tiny.is_complete(final)
+    # nothing half-built is left beside it: one checkpoint and its lock file
+    assert sorted(p.name for p in cache.iterdir()) == sorted([final.name, f".{final.name}.lock"])
 
 
 def test_build_refuses_non_empty_dir(tmp_path: Path) -> None:

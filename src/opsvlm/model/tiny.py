@@ -558,10 +558,12 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
 def ensure_tiny_model(
     cache_dir: str | os.PathLike[str] | None = None, *, seed: int = 0, spec: TinyQwen25VLSpec | None = None
 ) -> Path:
-    """Return a cached tiny checkpoint, building it once if needed.
+    """Return a cached tiny checkpoint, building it once per cache directory.
 
-    The build goes to a temporary sibling directory that is renamed into place, so concurrent callers (Ray workers,
-    pytest-xdist) never see a half-written checkpoint; if another process wins the race its copy is used.
+    Concurrent callers (Ray Train workers, several test processes) serialise on an exclusive ``flock`` next to the
+    checkpoint: the first one builds it into a temporary sibling directory and renames it into place, the others wait
+    and then find it complete. A directory without the marker file (an interrupted build or copy) is moved aside and
+    rebuilt. The lock is released by the kernel if its holder dies, so a killed builder never blocks the next one.
 
     Args:
         cache_dir: Parent directory for cached checkpoints; defaults to :func:`default_cache_dir`.
@@ -570,36 +572,47 @@ def ensure_tiny_model(
 
     Returns:
         Path of the complete checkpoint directory.
+
+    Raises:
+        RuntimeError: The build finished but the directory is still incomplete (never expected; says what is missing).
     """
     spec = spec or TinyQwen25VLSpec()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
     final = root / tiny_model_dirname(seed=seed, spec=spec)
-    if is_complete(final):
+    if is_complete(final):  # the common case: no lock needed to read a finished checkpoint
         return final
-    if final.exists() and not is_complete(final):
-        # Leftovers from an interrupted manual copy (this builder only renames finished dirs into place). Move them
-        # aside atomically before deleting, so a concurrent reader never sees a directory being emptied.
-        stale = root / f".{final.name}.{os.getpid()}.stale"
-        with contextlib.suppress(OSError):  # Someone else moved or completed it meanwhile.
-            os.rename(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        if is_complete(final):
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / f".{final.name}.lock"):
+        if is_complete(final):  # another process built it while we waited
             return final
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
-        build_tiny_qwen25vl(tmp, seed=seed, spec=spec)
+        if final.exists():
+            # Leftovers of an interrupted copy: move aside atomically, then delete.
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".stale", dir=root))
+            os.rename(final, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
         try:
+            build_tiny_qwen25vl(tmp, seed=seed, spec=spec)
             os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its finished copy first (the target is a non-empty dir); use that one.
-            if not is_complete(final):
-                raise
-    finally:
-        if tmp.exists():
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if not is_complete(final):
+        present = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+        raise RuntimeError(f"tiny checkpoint {final} is incomplete after building it (files: {present})")
     return final
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if missing), held for the ``with`` block."""
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_model_source(model: str, *, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> str:
