@@ -150,13 +150,14 @@ def serve_args(env: dict[str, Any], scratch: Path, config: Path) -> dict[str, An
     """The Serve config's app args with this run's model, store and video root."""
     import yaml
 
-    args = dict(yaml.safe_load(config.read_text())["applications"][0]["args"])
-    args.update(
-        model=f"models:/{MODEL_NAME}@champion",
-        tracking_uri=env["uri"],
-        model_cache_dir=str(scratch / "model-cache"),
-        allowed_root=str(env["root"]),
-    )
+    args = yaml.safe_load(config.read_text())["applications"][0]["args"]
+    args["model"] = {
+        **args.get("model", {}),
+        "ref": f"models:/{MODEL_NAME}@champion",
+        "tracking_uri": env["uri"],
+        "cache_dir": str(scratch / "model-cache"),
+    }
+    args["limits"] = {**args.get("limits", {}), "allowed_root": str(env["root"])}
     return args
 
 
@@ -346,7 +347,7 @@ def measure(
             if batching:
                 after = batching()
                 batches = after["batches"] - before_batching["batches"]
-                clips = after["clips"] - before_batching["clips"]
+                clips = after["items"] - before_batching["items"]
                 result["batching"] = {
                     "batches": batches,
                     "clips": clips,
@@ -355,7 +356,7 @@ def measure(
                     "replicas": after.get("replicas"),
                 }
                 for key, value in after.items():  # any further counters a Predictor reports (seconds, ...)
-                    if key not in result["batching"] and key not in ("batches", "clips", "largest_batch"):
+                    if key not in result["batching"] and key not in ("batches", "items", "largest_batch"):
                         if isinstance(value, float):
                             value = round(value - before_batching.get(key, 0.0), 3)
                         result["batching"][key] = value
@@ -395,16 +396,18 @@ def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = 
 # --- (b) the baseline server -----------------------------------------------------------------------------------------
 
 
-def baseline_server(port: int, model: str, tracking_uri: str, limits_json: str, poll_interval_s: float) -> None:
-    """The seed-style server (runs in a subprocess): plain FastAPI + uvicorn, one worker, LocalBackend."""
+def baseline_server(port: int, args: dict[str, Any]) -> None:
+    """The seed-style server (runs in a subprocess): plain FastAPI + uvicorn, one worker, LocalBackend, one request's
+    clips per forward pass (no batching across requests)."""
     import uvicorn
 
-    from opsvlm.serving import LocalBackend, ModelWatcher, ServingLimits, create_app, polling
+    from opsvlm.serving import BatchingSettings, LocalBackend, ModelWatcher, create_app, load_app_config, polling
 
-    limits = ServingLimits(**json.loads(limits_json))
-    watcher = ModelWatcher(model, tracking_uri=tracking_uri, cache_dir=tempfile.mkdtemp(prefix="bench-serve-base-"))
-    app = create_app(LocalBackend(watcher, limits), limits, title="opsvlm (baseline)")
-    with polling(watcher, poll_interval_s):
+    config = load_app_config(args)
+    watcher = ModelWatcher.from_source(config.model)
+    one_at_a_time = BatchingSettings(max_batch_size=1, batch_wait_timeout_s=0.0, max_queued_inputs=1 << 20)
+    app = create_app(LocalBackend(watcher, config.limits, one_at_a_time), config.limits, title="opsvlm (baseline)")
+    with polling(watcher, config.model.poll_interval_s):
         uvicorn.run(app, host="127.0.0.1", port=port, workers=1, log_level="warning", access_log=False)
 
 
@@ -415,25 +418,14 @@ def free_port() -> int:
 
 
 def run_baseline(env: dict[str, Any], args: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
-    from serve_app.app import AppArgs
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    limits = AppArgs.model_validate(args).limits().describe()
-    command = [
-        sys.executable,
-        __file__,
-        "--baseline-server",
-        json.dumps(
-            {
-                "port": port,
-                "model": args["model"],
-                "tracking_uri": args["tracking_uri"],
-                "limits_json": json.dumps(limits),
-                "poll_interval_s": args["poll_interval_s"],
-            }
-        ),
-    ]
+    baseline_args = {
+        "model": {**args["model"], "cache_dir": tempfile.mkdtemp(prefix="bench-serve-base-")},
+        # the seed server had no admission bound: keep it from shedding so both sides answer every request
+        "limits": {**args["limits"], "max_inflight_requests": 1 << 20, "max_pending_work": 1 << 20},
+    }
+    command = [sys.executable, __file__, "--baseline-server", json.dumps({"port": port, "args": baseline_args})]
     log(f"(b) baseline: uvicorn on {url} (load {load_avg()})")
     process = subprocess.Popen(command, start_new_session=True)
     try:

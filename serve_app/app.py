@@ -2,153 +2,105 @@
 
 Deployments::
 
-    HTTP -> Ingress (FastAPI: validation, uploads, limits)
+    HTTP -> Ingress (FastAPI: validation, uploads, limits, load shedding)
               |-- Decoder (only with separate_decoder: decode + sample frames with the model's SamplingSpec)
-              '-- Predictor (holds the model, batches queued clips, GPU when available, follows the registry alias)
+              '-- Predictor (holds the model, batches queued work, GPU when available, follows the registry alias)
 
 * ``Ingress`` serves :func:`opsvlm.serving.create_app` (the same API as the plain-FastAPI baseline). Without a
-  separate decoder it decodes itself, in worker threads that each wait on a decoder process with a deadline.
+  separate decoder it decodes itself, in a bounded pool of worker threads that each wait on a decoder process with a
+  deadline. It admits at most ``limits.max_inflight_requests`` prediction requests at once and answers the rest 503
+  (``Retry-After``) before reading their bodies, so ``/health`` and ``/status`` stay responsive under overload;
+  Serve's own ``max_queued_requests`` in front of it sheds what its event loop cannot even take.
 * ``Decoder`` (``separate_decoder: true``) moves decoding onto its own CPU replicas: on a GPU cluster decoding
   then scales independently and never takes CPU from the GPU replicas; uploads travel to it as bytes, allowed-root
   paths as paths (the root is expected on every node). On a small CPU box the extra hop can cost more than it saves,
   so it is an option.
 * ``Predictor`` loads the model once per replica from the MLflow registry (``models:/opsvlm@champion`` by default;
-  ``models:/<name>/<version>``, a run id or a checkpoint directory also work). Concurrent requests share a forward
-  pass: one batch runs at a time and the next one is formed from the clips that queued meanwhile (up to
-  ``max_batch_size``). Ray's ``@serve.batch`` is not used: it forms the next batch while one runs (a new batch every
-  ``batch_wait_timeout_s``), so when a forward pass is long against the gaps between requests (a CPU) the batches
-  stay at ~1 clip. For an alias reference a background task polls the alias every
-  ``poll_interval_s``; when it moves, the new version is loaded in a worker thread while the old one keeps serving,
-  then swapped in with one reference assignment (:class:`opsvlm.serving.ModelWatcher`). Each batch uses one version
-  and every response names it. With several replicas each polls on its own, so for up to ``poll_interval_s`` they
-  may answer with different versions. The swap briefly holds two models in memory (on a GPU: plan for it).
+  ``models:/<name>/<version>``, a run id or a checkpoint directory also work), retrying with backoff, or from its
+  private cache when the registry is unreachable (:class:`opsvlm.serving.ModelWatcher`). Every prediction goes
+  through one :class:`opsvlm.serving.Batcher`: one forward pass at a time, formed from the work queued meanwhile (up
+  to ``batching.max_batch_size`` inputs), never two uses of the tokenizer at once; a full queue (``max_queued_inputs``)
+  or a passed deadline is a 503. For an alias reference a background task polls the alias every
+  ``model.poll_interval_s``; when it moves, the new version is loaded in a worker thread while the old one keeps
+  serving, then swapped in with one reference assignment. Each batch uses one version and every response names it.
+  With several replicas each polls on its own, so for up to ``poll_interval_s`` they may answer with different
+  versions. The swap briefly holds two models in memory (on a GPU: plan for it).
 
-If the new version has another sampling spec, the Predictor answers ``spec_changed`` for clips decoded with the
-old one and the Ingress decodes them again with the new spec, so frames always match the model that sees them.
+If the new version has another sampling spec, the Predictor answers ``SpecChanged`` for work decoded with the old
+one and the Ingress decodes it again with the new spec, so pixels always match the model that sees them.
 
-App args (:class:`AppArgs`) hold the model reference, tracking URI, input limits and batching; replicas, resources
-and autoscaling are set per deployment in the config (``serve_app/config.yaml``, ``serve_app/config_tiny_cpu.yaml``).
-Nothing runs at import time.
+App args: :class:`opsvlm.serving.ServeAppConfig` (sections ``model``, ``limits``, ``batching``, ``auth``), loaded
+with :mod:`opsvlm.config`; replicas, resources, queue bounds and autoscaling are set per deployment in the config
+(``serve_app/config.yaml``, ``serve_app/config_tiny_cpu.yaml``). Nothing runs at import time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from opsvlm.config import to_dict
 from opsvlm.serving import (
+    Batcher,
+    Deadline,
     DecodedClip,
     Media,
     ModelWatcher,
+    Outcome,
+    ServeAppConfig,
     ServingError,
     ServingLimits,
     Window,
+    WorkItem,
+    WorkPool,
     create_app,
-    decode_media,
-    decode_media_bytes,
-    predict_clips,
-    predict_objects,
+    load_app_config,
 )
+from opsvlm.serving.errors import overloaded, unavailable
+from opsvlm.serving.media import decode_media, decode_media_bytes
 from opsvlm.tracking import resolve_tracking_uri
 from opsvlm.video.sampling import SamplingSpec
+
+__all__ = ["DecoderDeployment", "Ingress", "PredictorDeployment", "ServeBackend", "app", "build_app"]
 
 logger = logging.getLogger("ray.serve")
 
 INGRESS, DECODER, PREDICTOR = "Ingress", "Decoder", "Predictor"
+HEALTH_CALL_TIMEOUT_S = 10.0
 
 
-class AppArgs(BaseModel):
-    """Arguments of :func:`build_app` (the ``args`` of the application in a Serve config).
-
-    Attributes:
-        model: Registry reference (``models:/opsvlm@champion``), ``models:/<name>/<version>``, a run id or a
-            checkpoint directory.
-        tracking_uri: MLflow tracking/registry URI; empty: ``MLFLOW_TRACKING_URI`` or the local store.
-        model_cache_dir: Where replicas download checkpoints (one folder per version, reused); empty: a temporary
-            directory per replica.
-        quantization: Override how the base is loaded (``none`` / ``int8`` / ``nf4``); default: as trained.
-        poll_interval_s: How often the Predictor checks an alias reference for a new version (0: never).
-        separate_decoder: Decode on a ``Decoder`` deployment instead of in the Ingress.
-        use_gpu: One GPU per Predictor replica: ``true``, ``false`` or ``auto`` (if the cluster has GPUs).
-        allowed_root: Directory JSON path requests may read under; empty/null disables path requests.
-        max_upload_bytes: Largest upload (for ``/batch_predict``: all files together).
-        max_duration_s: Longest clip (the window if given, else the whole video).
-        decode_deadline_s: Longest wait for the decoder before a 504.
-        max_batch_clips: Most clips per ``/batch_predict`` request.
-        max_batch_size: Most clips per forward pass.
-        batch_wait_timeout_s: How long a batch that is not full waits for more clips before it runs.
-    """
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = "models:/opsvlm@champion"
-    tracking_uri: str = ""
-    model_cache_dir: str = ""
-    quantization: Literal["none", "int8", "nf4"] | None = None
-    poll_interval_s: float = Field(10.0, ge=0)
-    separate_decoder: bool = False
-    use_gpu: bool | Literal["auto"] = "auto"
-    allowed_root: str | None = None
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_duration_s: float = Field(120.0, gt=0)
-    decode_deadline_s: float = Field(30.0, gt=0)
-    max_batch_clips: int = Field(16, ge=1)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
-
-    def limits(self) -> ServingLimits:
-        return ServingLimits(
-            max_upload_bytes=self.max_upload_bytes,
-            max_duration_s=self.max_duration_s,
-            decode_deadline_s=self.decode_deadline_s,
-            allowed_root=self.allowed_root or None,
-            max_batch_clips=self.max_batch_clips,
-        )
-
-
-# max_ongoing_requests: a Predictor at its limit rejects calls and the caller retries after a backoff (Serve: 25 ms
-# doubling to 500 ms), leaving the queue idle meanwhile; keep it above what the Ingress replicas can send at once.
+# max_ongoing_requests: above what the Ingress replicas can have at the Predictor (each call waits in the batcher's
+# queue, which sheds beyond batching.max_queued_inputs), so health and status calls are never queued behind work.
 @serve.deployment(name=PREDICTOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
 class PredictorDeployment:
-    """Holds the model; batches concurrent clips into one forward pass; follows the registry alias."""
+    """Holds the model; batches concurrent work into one forward pass; follows the registry alias."""
 
     async def __init__(self, args: dict[str, Any]):
-        settings = AppArgs.model_validate(args)
-        # Off the event loop: Serve keeps health-checking the replica while the model loads.
-        self._watcher = await asyncio.to_thread(
-            ModelWatcher,
-            settings.model,
-            tracking_uri=settings.tracking_uri,
-            cache_dir=settings.model_cache_dir or None,
-            quantization=settings.quantization,
-        )
-        self._max_batch_size = settings.max_batch_size
-        self._batch_wait_timeout_s = settings.batch_wait_timeout_s
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._batcher = asyncio.get_running_loop().create_task(self._batch_forever())
-        self._poll_interval_s = settings.poll_interval_s
-        # Counters for /status (the benchmark reads them): batches formed, clips, seconds the model was busy and
-        # seconds clips waited in the queue before their batch started.
-        self._batching = {
-            "max_batch_size": settings.max_batch_size,
-            "batches": 0,
-            "clips": 0,
-            "largest_batch": 0,
-            "busy_s": 0.0,
-            "queue_wait_s": 0.0,
-        }
+        config = load_app_config(args)
+        # Off the event loop: Serve keeps health-checking the replica while the model loads (with retries).
+        self._watcher = await asyncio.to_thread(ModelWatcher.from_source, config.model)
+        self._batcher = Batcher(lambda: self._watcher.current, config.batching, config.limits.retry_after_s)
+        self._batcher.start()
+        self._poll_interval_s = config.model.poll_interval_s
         self._poller = None
-        if self._watcher.watches and settings.poll_interval_s > 0:
+        follows = self._watcher.watches or self._watcher.current.source == "cache"
+        if follows and self._poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
-        logger.info("Predictor serving %s version %s", settings.model, self._watcher.current.version)
+        logger.info(
+            "Predictor serving %s version %s (from %s)",
+            config.model.ref,
+            self._watcher.current.version,
+            self._watcher.current.source,
+        )
 
     async def _poll_forever(self) -> None:
         while True:
@@ -163,77 +115,43 @@ class PredictorDeployment:
             if swapped:
                 logger.info("Predictor swapped version %s -> %s", before, self._watcher.current.version)
 
-    async def _next_batch(self) -> list[tuple[DecodedClip, asyncio.Future, float]]:
-        """The clips queued while the last batch ran (up to max_batch_size); if fewer, wait a little for more."""
-        batch = [await self._queue.get()]
-        deadline = asyncio.get_running_loop().time() + self._batch_wait_timeout_s
-        while len(batch) < self._max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
+    async def predict(self, item: WorkItem, timeout_s: float | None = None) -> Outcome:
+        """One work item's outcome (see :func:`opsvlm.serving.predict.predict_items`); batched with concurrent
+        work; answered 503 when the queue is full or ``timeout_s`` passes before its turn."""
+        return await self._batcher.submit(item, timeout_s)
 
-    async def _batch_forever(self) -> None:
-        # One batch at a time, formed only when the previous one is done: under load the next batch is the backlog
-        # that built up meanwhile. (@serve.batch forms batches eagerly while one runs, so at CPU speeds they stay ~1.)
-        while True:
-            batch = await self._next_batch()
-            batch = [item for item in batch if not item[1].cancelled()]  # the caller gave up (client went away)
-            if not batch:
-                continue
-            model = self._watcher.current  # taken once: the whole batch is predicted, and reported, by one version
-            started = time.monotonic()
-            self._batching["batches"] += 1
-            self._batching["clips"] += len(batch)
-            self._batching["largest_batch"] = max(self._batching["largest_batch"], len(batch))
-            self._batching["queue_wait_s"] += sum(started - queued for _, _, queued in batch)
-            try:
-                outcomes = await asyncio.to_thread(predict_clips, model, [clip for clip, _, _ in batch])
-            except Exception as exc:  # predict_clips contains model errors; this is a last resort
-                logger.exception("batch failed")
-                outcomes = [{"error": f"prediction failed: {exc!r}"}] * len(batch)
-            self._batching["busy_s"] += time.monotonic() - started
-            for (_, future, _), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+    def health(self) -> dict[str, Any]:
+        """Whether this replica's recent predictions succeed, and the version it serves."""
+        health = self._batcher.health.describe()
+        return {
+            **health,
+            "healthy": self._batcher.alive and health["healthy"],
+            "model_version": self._watcher.current.version,
+        }
 
-    async def predict(self, clip: DecodedClip) -> dict[str, Any]:
-        """One clip's outcome (see :func:`opsvlm.serving.predict_clips`); batched with concurrent calls."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((clip, future, time.monotonic()))
-        return await future
-
-    async def predict_objects(self, image: Any, detections: list[Any]) -> dict[str, Any]:
-        """Every detected object of one image (inspection models), in one forward pass: the objects of a request
-        already form a batch (see :func:`opsvlm.serving.predict_objects`)."""
-        return await asyncio.to_thread(predict_objects, self._watcher.current, image, detections)
-
-    def status(self) -> dict[str, Any]:
-        """Model name/version, sampling spec and labels of this replica."""
-        status = self._watcher.status()
+    def status(self, show_paths: bool = False) -> dict[str, Any]:
+        """Model name/version/source, sampling spec, labels, batching counters and health of this replica."""
+        status = self._watcher.status(show_paths)
         status["model"]["poll_interval_s"] = self._poll_interval_s
         status["model"]["replica"] = serve.get_replica_context().replica_id.unique_id
-        status["batching"] = dict(self._batching)
+        status["batching"] = self._batcher.describe()
+        status["health"] = self._batcher.health.describe()
         return status
 
     def check_health(self) -> None:
-        if self._batcher.done():
+        if not self._batcher.alive:
             raise RuntimeError("the batching task stopped")
         if self._poller is not None and self._poller.done():
             raise RuntimeError("the model watcher task stopped; this replica would never pick up new versions")
 
     def __del__(self) -> None:
-        # Serve calls this on replica shutdown: stop polling before the event loop's executor goes away.
-        for task in (getattr(self, "_poller", None), getattr(self, "_batcher", None)):
-            if task is not None:
-                task.cancel()
+        # Serve calls this on replica shutdown: stop polling and batching before the event loop goes away.
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.stop()
 
 
 @serve.deployment(name=DECODER, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
@@ -241,7 +159,7 @@ class DecoderDeployment:
     """Decodes and samples clips on CPU replicas (``separate_decoder: true``)."""
 
     def __init__(self, args: dict[str, Any]):
-        self._limits = AppArgs.model_validate(args).limits()
+        self._limits = load_app_config(args).limits
 
     async def decode_path(
         self, media: Media, windows: list[Window], spec: SamplingSpec
@@ -256,8 +174,21 @@ class DecoderDeployment:
         return await asyncio.to_thread(decode_media_bytes, data, name, windows, spec, self._limits)
 
 
+def _backpressure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BackPressureError):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return "BackPressureError" in repr(exc)
+
+
 class ServeBackend:
-    """:class:`opsvlm.serving.Backend` over the Decoder and Predictor deployments."""
+    """:class:`opsvlm.serving.Backend` over the Decoder and Predictor deployments.
+
+    A deployment that cannot be reached is a 503 with ``Retry-After`` (``model_unavailable`` /
+    ``decoder_unavailable``); a full queue at the Predictor's handle a 503 ``overloaded``.
+    """
 
     def __init__(self, predictor: DeploymentHandle, decoder: DeploymentHandle | None, limits: ServingLimits):
         self._predictor = predictor
@@ -267,47 +198,61 @@ class ServeBackend:
 
     async def sampling_spec(self) -> SamplingSpec:
         if self._spec is None:
-            status = await self._predictor.status.remote()
+            try:
+                status = await self._predictor.status.remote()
+            except Exception as exc:
+                raise unavailable(f"the model replica is unavailable: {exc!r}", self._limits.retry_after_s) from None
             self._spec = SamplingSpec(**status["sampling_spec"])
         return self._spec
 
     def remember_spec(self, spec: SamplingSpec) -> None:
         self._spec = spec
 
-    async def decode(self, media: Media, windows: list[Window], spec: SamplingSpec) -> list[DecodedClip | ServingError]:
+    async def decode(
+        self, media: Media, windows: Sequence[Window], spec: SamplingSpec, pool: WorkPool
+    ) -> list[DecodedClip | ServingError]:
         if self._decoder is None:
-            return await asyncio.to_thread(decode_media, media, windows, spec, self._limits)
+            return await pool.run(decode_media, media, windows, spec, self._limits)
         try:
             if media.uploaded:
-                data = await asyncio.to_thread(Path(media.path).read_bytes)
+                data = await pool.run(Path(media.path).read_bytes)
                 return await self._decoder.decode_upload.remote(data, media.name, list(windows), spec)
             return await self._decoder.decode_path.remote(media, list(windows), spec)
-        except Exception as exc:  # the decoder replica died or is unreachable: the server itself is fine
-            logger.exception("decoder call failed")
-            error = ServingError(503, "decoder_unavailable", f"{media.name}: decoder unavailable: {exc!r}")
+        except ServingError:
+            raise
+        except Exception as exc:  # the decoder replica died, is unreachable or its queue is full
+            logger.warning("decoder call failed: %r", exc)
+            if _backpressure(exc):
+                error = overloaded(f"{media.name}: the decoders are busy; retry later", self._limits.retry_after_s)
+            else:
+                detail = f"{media.name}: decoder unavailable: {exc!r}"
+                error = ServingError(503, "decoder_unavailable", detail, self._limits.retry_after_s)
             return [error] * len(windows)
 
-    async def predict(self, clips: list[DecodedClip]) -> list[dict[str, Any]]:
-        # One call per clip: the Predictor batches them with clips of concurrent requests.
-        responses = [self._predictor.predict.remote(clip) for clip in clips]
-        outcomes = []
-        for response in responses:
+    async def predict(self, items: Sequence[WorkItem], deadline: Deadline) -> list[Outcome]:
+        # One call per item: the Predictor batches them with the work of concurrent requests.
+        async def one(item: WorkItem) -> Outcome:
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                return deadline.error()
             try:
-                outcomes.append(await response)
+                return await self._predictor.predict.remote(item, remaining)
             except Exception as exc:
-                logger.exception("predictor call failed")
-                outcomes.append({"error": f"predictor unavailable: {exc!r}"})
-        return outcomes
+                if _backpressure(exc):
+                    return overloaded("the model's queue is full; retry later", self._limits.retry_after_s)
+                logger.warning("predictor call failed: %r", exc)
+                return unavailable(f"the model replica is unavailable: {exc!r}", self._limits.retry_after_s)
 
-    async def predict_objects(self, image: Any, detections: list[Any]) -> dict[str, Any]:
+        return list(await asyncio.gather(*(one(item) for item in items)))
+
+    async def health(self) -> dict[str, Any]:
         try:
-            return await self._predictor.predict_objects.remote(image, list(detections))
+            return await asyncio.wait_for(self._predictor.health.remote(), HEALTH_CALL_TIMEOUT_S)
         except Exception as exc:
-            logger.exception("predictor call failed")
-            return {"error": f"predictor unavailable: {exc!r}", "status": 503, "code": "model_unavailable"}
+            raise unavailable(f"the model replica did not answer: {exc!r}", self._limits.retry_after_s) from None
 
-    async def status(self) -> dict[str, Any]:
-        return await self._predictor.status.remote()
+    async def status(self, show_paths: bool = False) -> dict[str, Any]:
+        return await self._predictor.status.remote(show_paths)
 
 
 def _replica_counts() -> dict[str, dict[str, int]]:
@@ -322,15 +267,27 @@ def _replica_counts() -> dict[str, dict[str, int]]:
     }
 
 
-@serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+# Requests are cheap to hold on the Ingress's event loop (the work runs in threads, decoders and the Predictor), so
+# it takes many at once and sheds in the app (limits.max_inflight_requests, before reading the body): /health and
+# /status then never wait behind prediction requests. max_queued_requests bounds what waits at the proxy.
+@serve.deployment(
+    name=INGRESS,
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=256,
+    max_queued_requests=64,
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=2),
+)
 @serve.ingress()
 class Ingress:
     """FastAPI ingress: the API of :func:`opsvlm.serving.create_app` over :class:`ServeBackend`."""
 
     def __init__(self, predictor: DeploymentHandle, decoder: DeploymentHandle | None, args: dict[str, Any]):
-        settings = AppArgs.model_validate(args)
-        self._limits = settings.limits()
+        config = load_app_config(args)
+        self._limits = config.limits
+        self._api_key = config.auth.api_key()
+        self._show_paths = config.show_paths
         self._separate_decoder = decoder is not None
+        self._pool = WorkPool(self._limits.work_threads, self._limits.max_pending_work, self._limits.retry_after_s)
         self._backend = ServeBackend(predictor, decoder, self._limits)
 
     async def _serve_status(self) -> dict[str, Any]:
@@ -342,21 +299,15 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         # Built per replica after __init__ (Serve's late-bound ingress): the routes close over this replica's backend.
-        return create_app(self._backend, self._limits, title="opsvlm (Ray Serve)", extra_status=self._serve_status)
-
-
-_PREDICTOR_ARGS = frozenset(
-    {
-        "model",
-        "tracking_uri",
-        "model_cache_dir",
-        "quantization",
-        "poll_interval_s",
-        "max_batch_size",
-        "batch_wait_timeout_s",
-    }
-)
-_LIMIT_ARGS = frozenset({"allowed_root", "max_upload_bytes", "max_duration_s", "decode_deadline_s", "max_batch_clips"})
+        return create_app(
+            self._backend,
+            self._limits,
+            title="opsvlm (Ray Serve)",
+            extra_status=self._serve_status,
+            pool=self._pool,
+            api_key=self._api_key,
+            show_paths=self._show_paths,
+        )
 
 
 def _gpu_available() -> bool:
@@ -369,28 +320,34 @@ def build_app(args: dict[str, Any]) -> Application:
     """Serve application builder (``import_path: serve_app.app:build_app``).
 
     Args:
-        args: :class:`AppArgs` fields (the application's ``args`` in a Serve config).
+        args: :class:`opsvlm.serving.ServeAppConfig` as a nested mapping (the application's ``args`` in a Serve
+            config), or the config itself.
 
     Returns:
         The bound application: Ingress -> (Decoder) -> Predictor.
 
     Raises:
-        pydantic.ValidationError: unknown or invalid args (named).
-        ValueError: limits that cannot work (e.g. ``allowed_root`` is not a directory).
+        opsvlm.config.ConfigError: unknown or invalid args, naming the field (e.g. ``limits.allowed_root`` is not a
+            directory): the deploy fails here, not in every replica.
     """
-    settings = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    settings.limits()  # fail at deploy time, not in every replica
-    plain = settings.model_dump()
+    config = args if isinstance(args, ServeAppConfig) else load_app_config(args or {})
+    plain = to_dict(config)
     # An empty tracking URI means MLFLOW_TRACKING_URI or the local store in ./mlruns: resolve it here, in the process
     # `serve run` / `serve deploy` starts from the repository root, so replicas find the same store wherever they run.
-    plain["tracking_uri"] = resolve_tracking_uri(settings.tracking_uri)
-    # Each deployment gets only the args it uses: the Predictor's init args then do not change with the limits.
-    model_args = {k: v for k, v in plain.items() if k in _PREDICTOR_ARGS}
-    limit_args = {k: v for k, v in plain.items() if k in _LIMIT_ARGS}
-    use_gpu = _gpu_available() if settings.use_gpu == "auto" else settings.use_gpu
+    if not Path(config.model.ref).is_dir():
+        plain["model"]["tracking_uri"] = resolve_tracking_uri(config.model.tracking_uri)
+    # Each deployment gets only the sections it uses: the Predictor's init args then do not change with the limits
+    # (a limits change does not reload the model).
+    predictor_args = {
+        "model": plain["model"],
+        "batching": plain["batching"],
+        "limits": {"retry_after_s": config.limits.retry_after_s},
+    }
+    ingress_args = {"limits": plain["limits"], "auth": plain["auth"], "show_paths": config.show_paths}
+    use_gpu = _gpu_available() if config.use_gpu == "auto" else config.use_gpu
     predictor = PredictorDeployment.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if use_gpu else 0})
-    decoder = DecoderDeployment.bind(limit_args) if settings.separate_decoder else None
-    return Ingress.bind(predictor.bind(model_args), decoder, limit_args)
+    decoder = DecoderDeployment.bind({"limits": plain["limits"]}) if config.separate_decoder else None
+    return Ingress.bind(predictor.bind(predictor_args), decoder, ingress_args)
 
 
 app = build_app  # the builder under the name Serve examples use

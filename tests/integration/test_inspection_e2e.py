@@ -133,7 +133,7 @@ def test_registry_promotes_on_the_tasks_headline_metric(trained, mlflow_server):
 
 
 @pytest.fixture(scope="module")
-def http(ray_local, trained, mlflow_server):
+def http(ray_local, trained, mlflow_server, tmp_path_factory):
     from ray import serve
 
     from serve_app.app import build_app
@@ -141,7 +141,15 @@ def http(ray_local, trained, mlflow_server):
     port = free_port()
     serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": f"models:/{MODEL_NAME}@champion", "tracking_uri": mlflow_server, "poll_interval_s": 0}
+    cache = tmp_path_factory.mktemp("inspection_model_cache")
+    args = {
+        "model": {
+            "ref": f"models:/{MODEL_NAME}@champion",
+            "tracking_uri": mlflow_server,
+            "cache_dir": str(cache),
+            "poll_interval_s": 0,
+        }
+    }
     try:
         serve.run(build_app(args), name="inspection", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(120.0)) as client:
@@ -188,7 +196,7 @@ def test_serve_refuses_bad_object_requests_and_stays_up(http, scenes, tmp_path):
     data, detections = _image_and_detections(scenes)
     bad = [
         ({"file": ("site.jpg", data, "image/jpeg")}, {}, 422, "missing_detections"),
-        ({"file": ("site.jpg", data, "image/jpeg")}, {"detections": "[{"}, 422, "invalid_detections"),
+        ({"file": ("site.jpg", data, "image/jpeg")}, {"detections": "[{"}, 400, "invalid_json"),
         (
             {"file": ("site.jpg", data, "image/jpeg")},
             {"detections": json.dumps([{**detections[0], "box": [0.5, 0.5, 0.2, 0.9]}])},

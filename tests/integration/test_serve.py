@@ -83,20 +83,25 @@ def models(mlflow_server, tiny_model_dir, tmp_path_factory) -> dict:
     return {"uri": mlflow_server, "client": client, "v1": v1, "v2": v2}
 
 
-def app_args(models: dict, media: dict, **overrides) -> dict:
+def app_args(models: dict, media: dict, cache_dir: Path, **overrides) -> dict:
+    """The app's args (:class:`opsvlm.serving.ServeAppConfig` sections) for this module's server."""
     return {
-        "model": f"models:/{MODEL_NAME}@champion",
-        "tracking_uri": models["uri"],
-        "poll_interval_s": 1.0,
+        "model": {
+            "ref": f"models:/{MODEL_NAME}@champion",
+            "tracking_uri": models["uri"],
+            "cache_dir": str(cache_dir),
+            "poll_interval_s": 1.0,
+        },
+        "limits": {
+            "allowed_root": str(media["root"]),
+            "max_upload_bytes": MAX_UPLOAD_BYTES,
+            "max_duration_s": MAX_DURATION_S,
+            "decode_deadline_s": DECODE_DEADLINE_S,
+            "max_batch_clips": 8,
+        },
+        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
         "separate_decoder": False,
         "use_gpu": False,
-        "allowed_root": str(media["root"]),
-        "max_upload_bytes": MAX_UPLOAD_BYTES,
-        "max_duration_s": MAX_DURATION_S,
-        "decode_deadline_s": DECODE_DEADLINE_S,
-        "max_batch_clips": 8,
-        "max_batch_size": 4,
-        "batch_wait_timeout_s": 0.05,
         **overrides,
     }
 
@@ -126,7 +131,12 @@ def wait_healthy(http: httpx.Client, timeout_s: float = 60.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def http(ray_local, models, media):
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve_model_cache")
+
+
+@pytest.fixture(scope="module")
+def http(ray_local, models, media, model_cache):
     """The app on Serve (HTTP on 127.0.0.1, a free port) and an httpx client for it; Serve is shut down after."""
     from ray import serve
 
@@ -134,7 +144,7 @@ def http(ray_local, models, media):
     serve.shutdown()  # HTTP options are fixed when Serve starts: a leftover instance would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        seconds = deploy(app_args(models, media))
+        seconds = deploy(app_args(models, media, model_cache))
         print(f"\nServe app RUNNING after {seconds:.1f} s")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as client:
             wait_healthy(client)
@@ -314,7 +324,7 @@ def test_concurrent_requests_share_forward_passes(http, models, media):
     for response in responses:
         assert_prediction(response.json(), 2.0, models["v1"])
     after = http.get("/status").json()["batching"]
-    assert after["clips"] - before["clips"] == 8
+    assert after["items"] - before["items"] == 8
     # the Predictor's batcher: clips of concurrent requests went through shared forward passes
     assert after["batches"] - before["batches"] < 8 and after["largest_batch"] >= 2, (before, after)
     print(f"\n8 concurrent requests -> {after['batches'] - before['batches']} forward passes")
@@ -324,14 +334,14 @@ def test_configs_are_valid_serve_configs_for_this_app():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.app import AppArgs
+    from opsvlm.serving import load_app_config
 
     for name in ("config.yaml", "config_tiny_cpu.yaml"):
         config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve_app" / name).read_text()))
         assert config.http_options.host == "127.0.0.1", name
         (application,) = config.applications
         assert application.import_path == "serve_app.app:build_app"
-        args = AppArgs.model_validate(application.args)
+        args = load_app_config(application.args)
         expected = {"Ingress", "Predictor"} | ({"Decoder"} if args.separate_decoder else set())
         deployments = {d.name: d for d in application.deployments}
         assert set(deployments) == expected, name
@@ -391,8 +401,8 @@ def test_alias_move_is_picked_up_without_downtime(http, models, media):
     assert [r["prediction"]["model_version"] for r in batch.json()["results"]] == [models["v2"]] * 2
 
 
-def test_separate_decoder_deployment(http, models, media):
-    seconds = deploy(app_args(models, media, separate_decoder=True))
+def test_separate_decoder_deployment(http, models, media, model_cache):
+    seconds = deploy(app_args(models, media, model_cache, separate_decoder=True))
     print(f"\nredeployed with separate_decoder in {seconds:.1f} s")
     wait_healthy(http)
     status = http.get("/status").json()

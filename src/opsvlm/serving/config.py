@@ -1,0 +1,96 @@
+"""The serving app's arguments as one typed config, loaded with :mod:`opsvlm.config` like every job's.
+
+The ``args`` of the application in a Serve config (``serve_app/config*.yaml``) are a :class:`ServeAppConfig`::
+
+    args:
+      model: {ref: models:/opsvlm@champion, tracking_uri: "", poll_interval_s: 10}
+      limits: {max_upload_bytes: 67108864, request_deadline_s: 60, allowed_root: null}
+      batching: {max_batch_size: 8, max_queued_inputs: 64}
+      auth: {api_key_env: ""}
+      separate_decoder: false
+      use_gpu: auto
+
+Each default lives once, on its section's dataclass (:class:`~opsvlm.serving.watcher.ModelSource`,
+:class:`~opsvlm.serving.limits.ServingLimits`, :class:`~opsvlm.serving.batcher.BatchingSettings`,
+:class:`AuthSettings`); unknown keys and wrong types are errors naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from opsvlm.config import ConfigError, apply_overrides, from_dict, to_dict
+from opsvlm.serving.batcher import BatchingSettings
+from opsvlm.serving.limits import ServingLimits
+from opsvlm.serving.watcher import ModelSource
+
+__all__ = ["AuthSettings", "ServeAppConfig", "load_app_config"]
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Optional API-key auth of every route but ``/health``.
+
+    Off by default: the shipped configs bind 127.0.0.1. On a cluster whose HTTP proxies listen on a reachable
+    address, put the key in an environment variable of the Serve application (``runtime_env.env_vars`` or the
+    nodes' environment, never in the config file) and name it here; clients then send ``X-API-Key: <key>``.
+
+    Attributes:
+        api_key_env: Name of the environment variable holding the key; empty: no auth.
+    """
+
+    api_key_env: str = ""
+
+    def api_key(self) -> str | None:
+        """The key from the environment, ``None`` when auth is off.
+
+        Raises:
+            ConfigError: naming the variable, when auth is on but the variable is unset or empty.
+        """
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigError(f"auth.api_key_env: environment variable {self.api_key_env} is unset or empty")
+        return key
+
+
+@dataclass(frozen=True)
+class ServeAppConfig:
+    """Arguments of the Serve app (``serve_app.app:build_app``) and of the in-process baseline server.
+
+    Attributes:
+        model: Which model to serve and how to load and follow it.
+        limits: Input limits, deadlines and load shedding of the HTTP API.
+        batching: How the Predictor batches work and sheds what does not fit its queue.
+        auth: Optional API-key auth.
+        show_paths: Let ``/status`` show filesystem paths (checkpoint and cache folders, the allowed root).
+        separate_decoder: Decode on a ``Decoder`` deployment instead of in the Ingress.
+        use_gpu: One GPU per Predictor replica: ``true``, ``false`` or ``auto`` (if the cluster has GPUs).
+    """
+
+    model: ModelSource = field(default_factory=ModelSource)
+    limits: ServingLimits = field(default_factory=ServingLimits)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    show_paths: bool = False
+    separate_decoder: bool = False
+    use_gpu: bool | Literal["auto"] = "auto"
+
+
+def load_app_config(
+    args: Mapping[str, Any] | ServeAppConfig | None = None, overrides: Sequence[str] = ()
+) -> ServeAppConfig:
+    """The app config from Serve ``args`` (a nested mapping, as in a Serve config file) and ``key=value`` overrides.
+
+    Raises:
+        ConfigError: naming the field for an unknown key, a wrong type or an invalid value.
+    """
+    if isinstance(args, ServeAppConfig):
+        if not overrides:
+            return args
+        args = to_dict(args)
+    return from_dict(ServeAppConfig, apply_overrides(dict(args or {}), overrides))

@@ -1,0 +1,142 @@
+"""``POST /predict_objects``: the condition of every detected object in one image (models whose task takes ``image``
+media).
+
+``multipart/form-data`` with a ``file`` part (JPEG/PNG/BMP/WebP by content, whatever the name) and a
+``detections`` field, or ``application/json`` ``{"path": ..., "detections": [...]}`` naming an image under the
+allowed root. ``detections`` is the stage-1 detector's output: a JSON list (at most ``max_detections``) of
+``{"label": <object type>, "box": [x1, y1, x2, y2], "normalized": true|false, "score": ...}``. Every detection is
+classified in turn, with the others as its spatial context, in one forward pass through the model's batcher.
+Answers ``{"objects": [{"index", "label", "box", "score", "condition", "object_type", "condition_kind",
+"confidence", "scores"}, ...], "image": {"width", "height"}, "model_version", "latency_ms"}``.
+
+The image is decoded once and resized to the model's size once per request (not once per object); each object's
+input is that resized image with the object outlined, plus a close-up cut from the full-resolution image.
+Detections come from the request (:func:`request_detections`); a server-side detector stage would take their place
+there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from opsvlm.serving.endpoint import Endpoint, ServingContext
+from opsvlm.serving.errors import ServingError
+from opsvlm.serving.media import decode_image
+from opsvlm.serving.predict import Answers, SpecChanged, WorkItem, WrongTask
+from opsvlm.serving.requests import ObjectsRequest, parse_object_detections, parse_objects_request
+from opsvlm.serving.schemas import DOC_ERRORS, ObjectsResponse, PathObjects, request_body_doc
+from opsvlm.video.sampling import SamplingSpec
+
+__all__ = ["ENDPOINT", "MEDIA", "render_object_inputs", "request_detections", "router"]
+
+MEDIA = "image"
+
+
+def render_object_inputs(image: np.ndarray, detections: Sequence[Any], spec: SamplingSpec) -> tuple[Any, ...]:
+    """The model input of every detected object, the image resized once for all of them. Blocking (CPU).
+
+    Equal to the image task's ``object_input`` per object (the rendering training and evaluation use), without
+    resizing the full image again for each object.
+
+    Args:
+        image: uint8[H, W, 3] the decoded image.
+        detections: Validated stage-1 detections (``box`` normalised, ``object_type``, ``index``).
+        spec: The model's sampling spec.
+
+    Returns:
+        One input per detection, in order.
+    """
+    # The image task's rendering: what this endpoint's media becomes for the model.
+    from opsvlm.tasks.inspection import ObjectInput, mark_target, render_closeup, resize_image
+
+    resized = resize_image(image, spec)
+    return tuple(
+        ObjectInput(
+            mark_target(resized, target.box),
+            tuple(target.box),
+            target.object_type,
+            tuple((other.object_type, tuple(other.box)) for other in detections if other.index != target.index),
+            render_closeup(image, target.box, spec),
+        )
+        for target in detections
+    )
+
+
+def request_detections(request: ObjectsRequest, image: np.ndarray, context: ServingContext) -> list[Any]:
+    """The detections to classify: the request's, validated against the decoded image."""
+    height, width = image.shape[:2]
+    return parse_object_detections(request.detections, width, height, request.name, context.limits.max_detections)
+
+
+def router(context: ServingContext) -> APIRouter:
+    """The object routes over ``context``."""
+    routes = APIRouter()
+    limits, pool, backend = context.limits, context.pool, context.backend
+
+    @routes.post(
+        "/predict_objects",
+        response_model=ObjectsResponse,
+        responses=DOC_ERRORS,
+        openapi_extra=request_body_doc(
+            PathObjects.model_json_schema(),
+            {
+                "file": {"type": "string", "format": "binary", "description": "JPEG/PNG/BMP/WebP image"},
+                "detections": {
+                    "type": "string",
+                    "description": 'JSON list of {"label": <object type>, "box": [x1, y1, x2, y2], '
+                    '"normalized": true|false, "score": ..}',
+                },
+            },
+            ["file", "detections"],
+        ),
+    )
+    async def predict_objects(request: Request) -> JSONResponse:
+        """Classify the condition of every detected object in one image."""
+        started = time.perf_counter()
+        with context.admit():
+            deadline = context.deadline()
+            parsed = await deadline.run(parse_objects_request(request, limits, pool), reading=True)
+            image = await deadline.run(pool.run(decode_image, parsed.data, parsed.name, limits))
+            detections = request_detections(parsed, image, context)
+            spec = await backend.sampling_spec()
+            for _ in range(2):
+                inputs = await deadline.run(pool.run(render_object_inputs, image, detections, spec))
+                (outcome,) = await deadline.run(backend.predict([WorkItem(MEDIA, inputs, spec)], deadline))
+                if not isinstance(outcome, SpecChanged):
+                    break
+                spec = outcome.spec
+                backend.remember_spec(spec)
+            else:
+                raise ServingError(
+                    503,
+                    "model_changing",
+                    "the model's sampling spec changed during the request; retry",
+                    limits.retry_after_s,
+                )
+        if isinstance(outcome, WrongTask):
+            raise context.wrong_task(outcome, "images")
+        if isinstance(outcome, ServingError):
+            raise outcome
+        assert isinstance(outcome, Answers)
+        objects = [
+            {"index": d.index, "label": d.label, "box": list(d.box), "score": d.score, **answer}
+            for d, answer in zip(detections, outcome.answers, strict=True)
+        ]
+        body = {
+            "objects": objects,
+            "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+            "model_version": outcome.model_version,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        return JSONResponse(body)
+
+    return routes
+
+
+ENDPOINT = Endpoint(name="objects", media=MEDIA, path="/predict_objects", router=router)
