@@ -23,7 +23,15 @@ from opsvlm.tasks.operations_timeline.grammar import (
     procedure_grammar,
     viterbi,
 )
-from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, SecondGrid, runs_of, truth_labels
+from opsvlm.tasks.operations_timeline.grid import (
+    INDEX_OF_ID,
+    LABELS,
+    NULL_INDEX,
+    SecondGrid,
+    annotated_cells,
+    runs_of,
+    truth_labels,
+)
 
 L = len(LABELS)
 ORIGIN = dt.datetime(2024, 1, 15, 9, 0, 0, tzinfo=dt.timezone(dt.timedelta(hours=9)))
@@ -191,6 +199,16 @@ def test_one_hz_truth_takes_the_row_started_before_the_end_of_each_second_and_fi
     # cells end at 0.75, 1.75, 2.75, 3.75 (gap: keeps 200), 4.75, 5.75 (starts before the last row's end), 6.75
     assert truth_labels(tl, grid).tolist() == [PICK, RELOCATE, RELOCATE, RELOCATE, ASSEMBLE, ASSEMBLE, NULL_INDEX]
     assert grid.unixtime_ms[1] - grid.unixtime_ms[0] == 1000
+
+
+def test_media_before_the_annotated_span_gets_cells_but_no_truth():
+    tl = timeline((100, 0.0, 5.0))
+    grid = SecondGrid.covering(ORIGIN, -11.05, -10.05)  # like the real sample's frames, 11 s before the first row
+    assert (grid.first, grid.count) == (-12, 2)
+    np.testing.assert_allclose(grid.starts_s, [-12.0, -11.0])
+    assert grid.unixtime_ms[0] == (int(ORIGIN.timestamp()) - 12) * 1000
+    assert not annotated_cells(tl, grid).any()
+    assert annotated_cells(tl, SecondGrid.covering(ORIGIN, 0.0, 7.0)).tolist() == [True] * 5 + [False] * 2
 
 
 def test_one_hz_truth_equals_the_real_openpack_1hz_file(sample_root):

@@ -32,49 +32,60 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 @dataclass(frozen=True)
 class SecondGrid:
-    """The 1 Hz cells of a session.
+    """The 1 Hz cells of a recording.
 
     Attributes:
         origin: Absolute time of session t = 0 (timezone-aware).
         count: Number of cells.
-        frac_s: Fraction of a second of the origin past its whole unix second (cell k starts at ``k - frac_s``).
+        frac_s: Fraction of a second of the origin past its whole unix second.
+        first: Index of the first cell: cell ``k`` covers session time ``[k - frac_s, k + 1 - frac_s)`` (negative
+            for media that starts before the origin, e.g. frames recorded before the first annotated row).
     """
 
     origin: dt.datetime
     count: int
     frac_s: float = 0.0
+    first: int = 0
 
     @classmethod
     def covering(cls, origin: dt.datetime, start_s: float, end_s: float) -> SecondGrid:
-        """The cells from session time 0 up to the last one that starts before ``end_s``.
+        """The cells that overlap session time ``[start_s, end_s)``.
 
         Args:
             origin: Session origin (timezone-aware).
-            start_s: Where the media starts, session seconds (cells before it still count from 0: the grid is
-                anchored to the origin, like OpenPack's files).
+            start_s: Where the media starts, session seconds.
             end_s: Where the media ends, session seconds.
         """
         if origin.tzinfo is None:
             raise ValueError(f"the session origin must be timezone-aware, got {origin!r}")
-        del start_s  # the grid always starts at cell 0 (the origin's whole second)
         unix = (origin - EPOCH).total_seconds()
         frac = round(unix - math.floor(unix), 6) % 1.0
-        count = max(0, math.ceil(end_s + frac - 1e-6))
-        return cls(origin, count, frac)
+        first = math.floor(start_s + frac + 1e-6)
+        stop = math.ceil(end_s + frac - 1e-6)
+        return cls(origin, max(0, stop - first), frac, first)
 
     @property
     def starts_s(self) -> np.ndarray:
         """float64[count]: session time where each cell starts."""
-        return np.arange(self.count, dtype=np.float64) - self.frac_s
+        return self.first + np.arange(self.count, dtype=np.float64) - self.frac_s
 
     @property
     def unixtime_ms(self) -> np.ndarray:
         """int64[count]: each cell's whole unix second in milliseconds (the 1 Hz files' ``unixtime``)."""
-        first = math.floor((self.origin - EPOCH).total_seconds() + 1e-9)
-        return (first + np.arange(self.count, dtype=np.int64)) * 1000
+        whole = math.floor((self.origin - EPOCH).total_seconds() + 1e-9)
+        return (whole + self.first + np.arange(self.count, dtype=np.int64)) * 1000
 
     def absolute(self, session_s: float) -> dt.datetime:
         return self.origin + dt.timedelta(seconds=float(session_s))
+
+
+def annotated_cells(timeline: SessionTimeline, grid: SecondGrid) -> np.ndarray:
+    """bool[count]: the cells inside the annotated span (first row's start to last row's end), the seconds
+    OpenPack's 1 Hz file has a label for; media outside it has no truth and is not scored."""
+    if not timeline.segments:
+        return np.zeros(grid.count, dtype=bool)
+    starts = grid.starts_s
+    return (starts + 1.0 > 1e-9) & (starts < timeline.segments[-1].end_s - 1e-9)
 
 
 def truth_labels(timeline: SessionTimeline, grid: SecondGrid) -> np.ndarray:

@@ -21,6 +21,7 @@ from opsvlm.tasks.operations_timeline.grid import (
     NULL_INDEX,
     OP_IDS,
     SecondGrid,
+    annotated_cells,
     runs_of,
     truth_boxes,
     truth_labels,
@@ -65,6 +66,7 @@ class SessionAnnotation:
         truth: The annotation, when there is one.
         truth_labels: int64[T] OpenPack 1 Hz truth, or ``None``.
         truth_boxes: int64[T] annotated boxes (-1 where none), or ``None``.
+        truth_mask: bool[T] the cells inside the annotated span (the scored ones), or ``None``.
         majority: int64[T] the majority baseline (the grammar's most frequent training operation everywhere).
     """
 
@@ -93,6 +95,7 @@ class SessionAnnotation:
     truth: SessionTimeline | None = None
     truth_labels: np.ndarray | None = None
     truth_boxes: np.ndarray | None = None
+    truth_mask: np.ndarray | None = None
     majority: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
@@ -105,14 +108,21 @@ class SessionAnnotation:
         """float64[T] fused probability of the output label of each second."""
         return self.scores[np.arange(self.seconds), self.labels]
 
+    @property
+    def scored_seconds(self) -> int:
+        """Seconds with truth (0 without an annotation or when the media lies outside the annotated span)."""
+        return int(self.truth_mask.sum()) if self.truth_mask is not None else 0
+
     def stats(self) -> dict[str, SessionStats]:
-        """Per-system counts against the truth (empty without truth)."""
-        if self.truth_labels is None:
+        """Per-system counts against the truth, on the annotated seconds (empty when there are none)."""
+        if self.truth_labels is None or self.scored_seconds == 0:
             return {}
+        mask = self.truth_mask
+        truth = self.truth_labels[mask]
         return {
-            GRAMMAR_SYSTEM: session_stats(self.truth_labels, self.labels_grammar, self.next_labels),
-            ARGMAX_SYSTEM: session_stats(self.truth_labels, self.labels_argmax, self.next_labels_plain),
-            MAJORITY_SYSTEM: session_stats(self.truth_labels, self.majority, None),
+            GRAMMAR_SYSTEM: session_stats(truth, self.labels_grammar[mask], self.next_labels[mask]),
+            ARGMAX_SYSTEM: session_stats(truth, self.labels_argmax[mask], self.next_labels_plain[mask]),
+            MAJORITY_SYSTEM: session_stats(truth, self.majority[mask], None),
         }
 
     def segments(self) -> list[dict]:
@@ -161,6 +171,7 @@ class SessionAnnotation:
             "decoder": self.decoder,
             "grammar": self.grammar_source,
             "has_truth": self.truth_labels is not None,
+            "scored_seconds": self.scored_seconds,
             "segments": self.segments(),
             "per_second": per_second,
             "boxes": [f.to_dict() for f in self.figures],
@@ -243,14 +254,14 @@ def annotate_windows(
         annotation.truth = truth
         annotation.truth_labels = truth_labels(truth, grid)
         annotation.truth_boxes = truth_boxes(truth, grid)
+        annotation.truth_mask = annotated_cells(truth, grid)
     return annotation
 
 
 def recording_grid(origin: dt.datetime | None, media_start_s: float, media_end_s: float) -> SecondGrid:
-    """The 1 Hz cells of a recording: anchored to its session origin, or to its first frame when it has none."""
-    if origin is None:
-        return SecondGrid(dt.datetime(1970, 1, 1, tzinfo=dt.UTC), max(0, int(np.ceil(media_end_s - 1e-6))))
-    return SecondGrid.covering(origin, media_start_s, media_end_s)
+    """The 1 Hz cells of a recording: anchored to its session origin, or (``origin=None``, a plain video) to the unix
+    epoch, so that its 1 Hz ``unixtime`` counts milliseconds from the first frame."""
+    return SecondGrid.covering(origin or dt.datetime(1970, 1, 1, tzinfo=dt.UTC), media_start_s, media_end_s)
 
 
 __all__ = [
