@@ -32,7 +32,7 @@ from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspecti
 from opsvlm.evaluate.run import EvalConfig
 from opsvlm.runtime import init_ray
 from opsvlm.train.config import TrackingSettings, TrainConfig
-from opsvlm.workflow import train_evaluate_promote
+from opsvlm.workflow import STAGES, train_evaluate_promote
 
 DEFAULT_PRESET = Path(__file__).parent / "configs" / "inspection_tiny.yaml"
 
@@ -67,18 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: the tiny CPU one)")
     parser.add_argument("--workdir", help="output folder (default: outputs/inspection_pipeline)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and worker output")
     parser.add_argument("overrides", nargs="*", help="<stage>.<field>=value overrides")
     args = parser.parse_args(argv)
     overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
     config = load_config(InspectionPipelineConfig, args.config, overrides)
     work = Path(config.workdir).resolve()
     tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
-    init_ray(args.address)
+    init_ray(args.address, verbose=args.verbose)
 
     # 1. synthetic inspection scenes in the Roboflow YOLO segmentation layout
     generated = generate_inspection_dataset(work / "scenes", config.generate, overwrite=True)
     objects = sum(generated.objects_per_class.values())
-    print(f"[1/5] generated {config.generate.images} scenes with {objects} objects in {work / 'scenes'}", flush=True)
+    print(f"[1/{STAGES}] generated {config.generate.images} scenes with {objects} objects in {work / 'scenes'}", flush=True)
 
     # 2. one example per object: the image resized with the spec, the target marked, its neighbours listed
     prepare_config = dataclasses.replace(
@@ -86,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = prepare_inspection(prepare_config)
     print(
-        f"[2/5] prepared {summary['examples_written']} examples {summary['examples_by_split']}, "
+        f"[2/{STAGES}] prepared {summary['examples_written']} examples {summary['examples_by_split']}, "
         f"{summary['objects_rejected']} rejected, {summary['read']['problems_total']} dataset problems",
         flush=True,
     )
 
-    # 3-5. train, evaluate next to the baselines, register and promote (opsvlm.workflow)
+    # 3-6. train, choose on validation (register + promotion gate), report on test (opsvlm.workflow)
     train_evaluate_promote(
         config.train,
         config.evaluate,

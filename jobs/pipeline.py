@@ -30,7 +30,7 @@ from opsvlm.evaluate.run import EvalConfig
 from opsvlm.runtime import init_ray
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.video.sampling import SamplingSpec
-from opsvlm.workflow import train_evaluate_promote
+from opsvlm.workflow import STAGES, train_evaluate_promote
 
 DEFAULT_PRESET = Path(__file__).parent / "configs" / "pipeline_tiny.yaml"
 
@@ -41,6 +41,8 @@ class PipelineConfig:
 
     Attributes:
         workdir: Where data, prepared clips and Ray checkpoints go.
+        seed: The run's seed: training (LoRA init, data order) and the bootstrap. The data (``generate.seed``) stay
+            the same, so runs with different seeds are scored on the same clips.
         tracking_uri: MLflow tracking URI for every stage (empty: local store in ./mlruns).
         experiment: MLflow experiment.
         model_name: Registered model name.
@@ -51,6 +53,7 @@ class PipelineConfig:
     """
 
     workdir: str = "outputs/pipeline"
+    seed: int = 0
     tracking_uri: str = ""
     experiment: str = "opsvlm"
     model_name: str = "opsvlm"
@@ -65,27 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: the tiny CPU one)")
     parser.add_argument("--workdir", help="output folder (default: outputs/pipeline)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and worker output")
     parser.add_argument("overrides", nargs="*", help="<stage>.<field>=value overrides")
     args = parser.parse_args(argv)
     overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
     config = load_config(PipelineConfig, args.config, overrides)
     work = Path(config.workdir).resolve()
     tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
-    init_ray(args.address)
+    init_ray(args.address, verbose=args.verbose)
 
     # 1. generate synthetic sessions in the OpenPack layout
     sources = generate_dataset(work / "synthetic", config.generate)
-    print(f"[1/5] generated {len(sources)} sessions in {work / 'synthetic'}", flush=True)
+    print(f"[1/{STAGES}] generated {len(sources)} sessions in {work / 'synthetic'}", flush=True)
 
     # 2. prepare clips with Ray Data
     prepare_config = dataclasses.replace(config.prepare, source=str(work / "synthetic"), out=str(work / "prepared"))
     prepared = prepare(prepare_config)
-    print(f"[2/5] prepared {prepared['clips_written']} clips ({prepared['clips_rejected']} rejected)", flush=True)
+    print(f"[2/{STAGES}] prepared {prepared['clips_written']} clips ({prepared['clips_rejected']} rejected)", flush=True)
 
-    # 3-5. train, evaluate next to the baselines, register and promote (opsvlm.workflow)
+    # 3-6. train, choose on validation (register + promotion gate), report on test (opsvlm.workflow)
     train_evaluate_promote(
-        config.train,
-        config.evaluate,
+        dataclasses.replace(config.train, seed=config.seed),
+        dataclasses.replace(config.evaluate, seed=config.seed),
         prepared=work / "prepared",
         workdir=work,
         tracking=tracking,

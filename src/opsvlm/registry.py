@@ -7,15 +7,22 @@ quantization, sampling spec, label set, processor path, the evaluation split and
 ``metric.<name>``. Two aliases matter:
 
 * ``challenger``: the most recently registered version;
-* ``champion``: the version serving loads (``models:/opsvlm@champion``). It moves only to a version whose score
-  is strictly higher on the same evaluation split of the same task, or when forced (recorded as a tag). The score is
-  the task's headline metric (``metric.weighted_score`` for operations, ``metric.macro_f1`` for inspection).
+* ``champion``: the version serving loads (``models:/opsvlm@champion``). It moves only through the promotion gate:
+  both versions were evaluated on the same *validation* examples, and a paired bootstrap over those examples puts the
+  lower 95% bound of (challenger - champion) on the task's headline metric above a margin (0 by default). A noisy
+  tie keeps the champion. ``force`` may override only that comparison, never the rules below.
+
+The gate fails closed. Any registry error other than "this alias does not exist" aborts the promotion; the
+challenger's score must be finite and come from a selection (validation) split, never the test split; the task
+must match the champion's, even when forced. Promotions of one model name are serialised by a host-wide lock, and
+the decision and both intervals are recorded on the version as ``promotion.*`` tags.
 
 Versions are never deleted. Imports mlflow lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +46,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC_PREFIX = "metric."
 EVAL_SPLIT_TAG = "opsvlm.eval_split"  # set on evaluation runs (evaluate/run.py)
+SUMMARY_ARTIFACT = "eval_summary.json"  # an evaluation run's stored summary (evaluate/run.py)
+EXAMPLES_ARTIFACT = "examples.json"  # ... and its per-example answers, which the promotion gate compares
 TRAIN_RUN_TAG = "opsvlm.train_run_id"
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -50,6 +59,10 @@ class ModelRefError(ValueError):
     """A model reference that cannot be resolved to an opsvlm checkpoint (the message names the reference)."""
 
 
+class PromotionError(RuntimeError):
+    """Promotion was refused or aborted; the champion is unchanged (the message says why)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """The outcome of :func:`promote`.
@@ -59,9 +72,12 @@ class Decision:
         forced: Whether it was promoted by ``force`` although the comparison alone would have kept the champion.
         version: The challenger version.
         previous_champion_version: The champion before the decision (``None`` if there was none).
-        new_score: The challenger's weighted score (``None`` if it has none).
-        champion_score: The previous champion's weighted score (``None`` if no champion or no score).
+        new_score: The challenger's headline score (``None`` if it has none).
+        champion_score: The previous champion's headline score (``None`` if no champion or no score).
         reason: Why, with both numbers.
+        difference_ci95: ``[low, high]`` of challenger - champion by paired bootstrap (``None`` if not compared).
+        challenger_ci95: The challenger's own interval on the compared examples.
+        champion_ci95: The champion's own interval on the same examples.
     """
 
     promoted: bool
@@ -71,6 +87,9 @@ class Decision:
     new_score: float | None
     champion_score: float | None
     reason: str
+    difference_ci95: list[float] | None = None
+    challenger_ci95: list[float] | None = None
+    champion_ci95: list[float] | None = None
 
     def __str__(self) -> str:
         if self.promoted:
@@ -88,13 +107,15 @@ class EvalResult:
         eval_run_id: The evaluation run (``None`` if unknown).
         train_run_id: The training run that was evaluated (``None`` if unknown).
         task: The task the model was evaluated on.
+        split_role: ``selection`` (validation) or ``report`` (test); only selection evaluations can promote.
     """
 
     metrics: dict[str, float]
     eval_split: str
+    task: str
+    split_role: str
     eval_run_id: str | None = None
     train_run_id: str | None = None
-    task: str = "operations"
 
 
 def score_metric(task: str) -> str:
@@ -243,7 +264,9 @@ def register_version(
     name: str = DEFAULT_NAME,
     metrics: dict[str, float],
     eval_split: str,
+    split_role: str,
     eval_run_id: str | None = None,
+    intervals: dict[str, list[float]] | None = None,
     tracking_uri: str | None = None,
 ) -> ModelVersion:
     """Register a training run's checkpoint as a new version of ``name`` and point ``challenger`` at it.
@@ -254,7 +277,10 @@ def register_version(
         metrics: The evaluation metrics, tagged as ``metric.<name>``; the task's headline metric is what promotion
             compares.
         eval_split: Identifier of the clip set the metrics were computed on.
-        eval_run_id: The evaluation run, if any.
+        split_role: ``selection`` or ``report`` (:data:`opsvlm.evaluate.run.SPLIT_ROLES`); recorded, and checked by
+            :func:`promote`.
+        eval_run_id: The evaluation run; its stored per-example answers are what the promotion gate compares.
+        intervals: ``{metric: [low, high]}`` 95% intervals, tagged as ``ci95.<metric>``.
         tracking_uri: MLflow tracking (and registry) URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
 
     Returns:
@@ -292,115 +318,225 @@ def register_version(
         "step": str(meta["step"]),
         "processor": f"{CHECKPOINT_ARTIFACT}/{ckpt.PROCESSOR_DIR}",
         "eval_split": eval_split,
+        "split_role": split_role,
         **({"eval_run_id": eval_run_id} if eval_run_id else {}),
         **{f"{METRIC_PREFIX}{key}": repr(float(value)) for key, value in metrics.items()},
+        **{f"ci95.{key}": json.dumps(value) for key, value in (intervals or {}).items()},
     }
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
 
 
-def promote(name: str, version: int | str, *, force: bool = False, tracking_uri: str | None = None) -> Decision:
-    """Move ``champion`` to ``version`` if its score beats the champion's on the same split.
-
-    Promotes when there is no champion, when the version's score (``metric.<task headline>``) is strictly higher than
-    the champion's on the same ``eval_split`` and task, or when ``force`` is set. Scores on different splits or of
-    different tasks are not comparable: the champion is kept (unless forced). The decision is recorded on the version
-    as ``promotion.*`` tags; no version is ever deleted.
+def promote(
+    name: str,
+    version: int | str,
+    *,
+    force: bool = False,
+    margin: float = 0.0,
+    n_boot: int = 1000,
+    tracking_uri: str | None = None,
+) -> Decision:
+    """Move ``champion`` to ``version`` if the paired gate says it is really better (see the module docstring).
 
     Args:
         name: Registered model name.
         version: The challenger version.
-        force: Promote regardless of the comparison. When that overrides a "keep" the decision is ``forced`` and
-            recorded as ``promotion.forced=true``.
+        force: Promote although the comparison keeps the champion (recorded as ``promotion.forced=true``). It never
+            overrides a refusal: wrong task, missing or non-finite score, a report (test) split, a registry error.
+        margin: The lower bound of (challenger - champion) must exceed this.
+        n_boot: Bootstrap replicates of the paired comparison.
         tracking_uri: MLflow tracking (and registry) URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
 
     Returns:
-        The decision; ``str(decision)`` is a one-line summary with both numbers.
+        The decision; ``str(decision)`` is a one-line summary with both numbers and the interval of the difference.
+
+    Raises:
+        PromotionError: the challenger cannot be promoted whatever the comparison (the champion is unchanged).
+        MlflowException: a registry error (the promotion is aborted, the champion unchanged).
     """
-    client = _client(resolve_tracking_uri(tracking_uri or ""))
-    challenger = _get_version(client, name, None, str(version), f"models:/{name}/{version}")
-    number, score, split = int(challenger.version), _score(challenger), challenger.tags.get("eval_split", "")
-    task = challenger.tags.get("task", "operations")
+    uri = resolve_tracking_uri(tracking_uri or "")
+    with _promotion_lock(uri, name):
+        decision = _decide(_client(uri), name, str(version), force, margin, n_boot, uri)
+    return decision
+
+
+def _decide(client: MlflowClient, name: str, version: str, force: bool, margin: float, n_boot: int, uri: str):
+    challenger = _get_version(client, name, None, version, f"models:/{name}/{version}")
+    number = int(challenger.version)
+    task = challenger.tags.get("task")
+    if not task:
+        raise PromotionError(f"v{number} has no task tag: not an opsvlm model version")
     metric = score_metric(task)
-    champion = _get_alias(client, name, CHAMPION)
+    score = _score(challenger)
+    if score is None:
+        raise PromotionError(f"v{number} has no finite {METRIC_PREFIX}{metric}: refusing to promote it")
+    if challenger.tags.get("split_role") != "selection":
+        raise PromotionError(
+            f"v{number} was scored on a {challenger.tags.get('split_role') or 'unknown'} split "
+            f"({challenger.tags.get('eval_split') or '?'}): promotion chooses on the validation split only"
+        )
+    champion = _get_champion(client, name)  # fails closed on any registry error
     previous = int(champion.version) if champion is not None else None
     champion_score = _score(champion) if champion is not None else None
-
     if previous == number:
         return Decision(False, False, number, previous, score, champion_score, f"v{number} is already the champion")
+    if champion is not None and champion.tags.get("task") != task:
+        raise PromotionError(
+            f"v{number} is a {task} model but champion v{previous} is a {champion.tags.get('task')} one: a model of "
+            "one task never replaces the other's champion (not even with force)"
+        )
+
+    comparison = None
+    split = challenger.tags.get("eval_split", "")
     if champion is None:
-        promoted, reason = True, f"{metric} {_fmt(score)}, no champion yet (split {split or '?'})"
-    elif score is None:
-        promoted, reason = False, f"challenger v{number} has no {METRIC_PREFIX}{metric}"
-    elif champion.tags.get("task", "operations") != task:
-        promoted = False
-        reason = f"challenger v{number} is a {task} model but champion v{previous} a {champion.tags.get('task')} one"
+        promoted, reason = True, f"{metric} {score:.3f}, no champion yet (split {split})"
     elif champion.tags.get("eval_split", "") != split:
         promoted = False
         reason = (
-            f"challenger v{number} {_fmt(score)} was scored on split {split or '?'} but champion v{previous} "
-            f"{_fmt(champion_score)} on split {champion.tags.get('eval_split') or '?'}: not comparable"
+            f"challenger v{number} was scored on {split} but champion v{previous} on "
+            f"{champion.tags.get('eval_split') or '?'}: not comparable (evaluate both on the same validation split)"
         )
-    elif champion_score is None:
-        promoted, reason = False, f"champion v{previous} has no {METRIC_PREFIX}{metric} to compare with"
-    elif score > champion_score:
-        new, old = _fmt_pair(score, champion_score)
-        promoted, reason = True, f"{metric} {new} > champion v{previous} {old} (split {split})"
+    elif champion_score is None or not champion.tags.get("eval_run_id") or not challenger.tags.get("eval_run_id"):
+        promoted, reason = False, f"champion v{previous} or v{number} has no stored evaluation to compare"
     else:
-        new, old = _fmt_pair(score, champion_score)
-        promoted, reason = False, f"challenger v{number} {new} <= {old} (split {split})"
+        comparison = _paired_comparison(client, task, challenger, champion, n_boot, uri)
+        new, old = _fmt_pair(comparison.a.value, comparison.b.value)
+        diff = f"diff {comparison.difference:+.3f} [{comparison.low:+.3f}, {comparison.high:+.3f}]"
+        if comparison.better(margin):
+            promoted = True
+            reason = f"{metric} {new} vs champion v{previous} {old}: {diff} > {margin:g} (n={comparison.n}, {split})"
+        else:
+            promoted = False
+            reason = (
+                f"challenger v{number} {new} vs {old}: {diff} does not clear {margin:g} (n={comparison.n}, "
+                f"{comparison.groups} groups, {split})"
+            )
 
     forced = force and not promoted
     if forced:
         promoted, reason = True, f"forced over: {reason}"
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, str(number))
-    for key, value in {
+    tags = {
         "promotion.decision": "promoted" if promoted else "kept",
         "promotion.reason": reason,
         "promotion.forced": str(forced).lower(),
         "promotion.previous_champion": str(previous) if previous is not None else "none",
-    }.items():
+        "promotion.margin": repr(margin),
+    }
+    if comparison is not None:
+        tags.update(
+            {
+                "promotion.difference_ci95": json.dumps([comparison.low, comparison.high]),
+                "promotion.challenger_ci95": json.dumps(comparison.a.as_list()),
+                "promotion.champion_ci95": json.dumps(comparison.b.as_list()),
+                "promotion.n": str(comparison.n),
+            }
+        )
+    for key, value in tags.items():  # recorded before the alias moves: a promoted version always says why
         client.set_model_version_tag(name, str(number), key, value)
-    return Decision(promoted, forced, number, previous, score, champion_score, reason)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, str(number))
+    return Decision(
+        promoted,
+        forced,
+        number,
+        previous,
+        score,
+        champion_score,
+        reason,
+        [comparison.low, comparison.high] if comparison else None,
+        comparison.a.as_list() if comparison else None,
+        comparison.b.as_list() if comparison else None,
+    )
+
+
+def _paired_comparison(client, task_name: str, challenger, champion, n_boot: int, uri: str):
+    """Paired bootstrap of the headline metric over the examples both evaluations scored."""
+    from opsvlm.stats import paired_bootstrap
+    from opsvlm.tasks.base import get_task
+
+    task = get_task(task_name)
+    mine = _examples(challenger.tags["eval_run_id"], uri)
+    theirs = _examples(champion.tags["eval_run_id"], uri)
+    if mine["ids"] != theirs["ids"]:
+        raise PromotionError(
+            f"v{challenger.version} and v{champion.version} share the split id but not the examples: not comparable"
+        )
+    rows = mine["rows"]
+
+    def metric_of(answers):
+        return lambda idx: task.compute_metrics([rows[i] for i in idx], [answers[i] for i in idx])[task.headline_metric]
+
+    return paired_bootstrap(metric_of(mine["answers"]), metric_of(theirs["answers"]), mine["groups"], n_boot=n_boot)
+
+
+def _examples(eval_run_id: str, uri: str) -> dict:
+    """The per-example answers an evaluation run stored (``examples.json``)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            f"runs:/{eval_run_id}/{EXAMPLES_ARTIFACT}", dst_path=tmp, tracking_uri=uri
+        )
+        return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def _promotion_lock(uri: str, name: str):
+    """Serialise promotions of one model name on this host (read -> compare -> set is not atomic in MLflow)."""
+    import fcntl
+    import hashlib
+
+    from opsvlm.model.tiny import default_cache_dir
+
+    directory = default_cache_dir() / "locks"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(f"{uri}\n{name}".encode()).hexdigest()[:16]
+    with open(directory / f"promote-{key}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_eval(source: str, tracking_uri: str | None = None) -> EvalResult:
-    """Evaluation metrics from an evaluation run id or a summary JSON file (``jobs/evaluate.py --summary``).
+    """Evaluation metrics from an evaluation run id or its summary JSON file (``eval_summary.json``).
 
     Args:
-        source: A JSON file ``{"metrics": {...}, "eval_split": "...", "eval_run_id": "...", "train_run_id": ...,
-            "task": ...}`` or an evaluation run id (its metrics, minus ``baseline/*``, and its ``opsvlm.eval_split``
-            and ``opsvlm.task`` tags).
+        source: An ``eval_summary.json`` file (written by :func:`opsvlm.evaluate.run.evaluate`) or an evaluation run
+            id (its stored summary is read).
         tracking_uri: MLflow tracking URI; default :func:`opsvlm.tracking.resolve_tracking_uri`.
 
     Raises:
-        ValueError: if the source is neither, or lacks the split or the weighted score.
+        ValueError: if the source is neither, or lacks the split, its role, the task or the headline metric.
     """
     path = Path(source)
     if path.is_file():
         data = json.loads(path.read_text())
-        result = EvalResult(
-            metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
-            eval_split=data.get("eval_split") or "",
-            eval_run_id=data.get("eval_run_id") or None,
-            train_run_id=data.get("train_run_id") or None,
-            task=data.get("task") or "operations",
-        )
     elif _RUN_ID.fullmatch(source):
-        run = _get_run(source, source, resolve_tracking_uri(tracking_uri or ""))
-        result = EvalResult(
-            metrics={k: v for k, v in run.data.metrics.items() if not k.startswith("baseline/")},
-            eval_split=run.data.tags.get(EVAL_SPLIT_TAG, ""),
-            eval_run_id=source,
-            train_run_id=run.data.tags.get(TRAIN_RUN_TAG) or None,
-            task=run.data.tags.get("opsvlm.task") or "operations",
-        )
+        import mlflow
+
+        uri = resolve_tracking_uri(tracking_uri or "")
+        _get_run(source, source, uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                f"runs:/{source}/{SUMMARY_ARTIFACT}", dst_path=tmp, tracking_uri=uri
+            )
+            data = json.loads(Path(local).read_text())
     else:
         raise ValueError(f"{source!r} is neither an eval summary JSON file nor an evaluation run id")
-    if not result.eval_split:
-        raise ValueError(f"{source}: no eval split recorded (need it to compare with the champion)")
+    missing = [key for key in ("metrics", "eval_split", "task", "role") if not data.get(key)]
+    if missing:
+        raise ValueError(f"{source}: the evaluation summary lacks {missing}")
+    result = EvalResult(
+        metrics={k: float(v) for k, v in data["metrics"].items()},
+        eval_split=data["eval_split"],
+        task=data["task"],
+        split_role=data["role"],
+        eval_run_id=data.get("eval_run_id") or None,
+        train_run_id=data.get("train_run_id") or None,
+    )
     metric = score_metric(result.task)
     if metric not in result.metrics:
         raise ValueError(f"{source}: no {metric} among the metrics {sorted(result.metrics)}")
@@ -436,20 +572,26 @@ def _get_version(client: MlflowClient, name: str, alias: str | None, version: st
         raise ModelRefError(f"{ref!r}: not found in the model registry ({exc.message})") from exc
 
 
-def _get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+def _get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The champion version, ``None`` only when the alias does not exist. Every other failure propagates (fail
+    closed): reading the aliases from the registered model avoids telling "no alias" from an error by its message."""
+    aliases = client.get_registered_model(name).aliases or {}
+    if CHAMPION not in aliases:
         return None
+    return client.get_model_version(name, str(aliases[CHAMPION]))
 
 
 def _score(version: ModelVersion) -> float | None:
-    value = version.tags.get(f"{METRIC_PREFIX}{score_metric(version.tags.get('task', 'operations'))}")
+    task = version.tags.get("task")
+    if not task:
+        return None
+    value = version.tags.get(f"{METRIC_PREFIX}{score_metric(task)}")
     if value is None:
         return None
-    score = float(value)
+    try:
+        score = float(value)
+    except ValueError:
+        return None
     return score if math.isfinite(score) else None
 
 

@@ -68,8 +68,10 @@ OVERRIDES = (
     "generate.subjects=3",
     "generate.session_duration_s=60",
     "train.optim.epochs=1",
-    "evaluate.zero_shot=false",
+    "evaluate.base_model=false",
     "evaluate.free_generation=false",
+    "evaluate.variants=false",
+    "evaluate.n_boot=200",
 )
 # Belt and braces over .gitignore for the uploaded working directory (the venv alone is several GB). Gitignore
 # syntax relative to the repository: anchored with "/", or "data" would also drop src/opsvlm/data.
@@ -361,10 +363,10 @@ def _summary_of(logs: str) -> dict:
 
     Searched for rather than taken as the last line: workers' progress bars may share the driver's output lines.
     """
-    for match in reversed(re.findall(r'\{"train_run_id": .*?\}', logs)):
+    for match in reversed(re.findall(r'\{"task": .*?\}', logs)):
         with contextlib.suppress(json.JSONDecodeError):
             summary = json.loads(match)
-            if {"eval_run_id", "model_version", "promoted", "weighted_score"} <= set(summary):
+            if {"test_eval_run_id", "model_version", "promoted", "test_weighted_score"} <= set(summary):
                 return summary
     pytest.fail(f"no summary JSON line in the job logs:\n{_tail(logs)}")
 
@@ -392,7 +394,7 @@ def _artifacts(http: httpx.Client, run_id: str, path: str = "") -> dict[str, dic
 
 def _check_mlflow(tracking_uri: str, summary: dict) -> str:
     """Both runs, their metrics and artifacts, and ``champion`` -> the job's new version. Returns that version."""
-    train_id, eval_id, version = summary["train_run_id"], summary["eval_run_id"], str(summary["model_version"])
+    train_id, eval_id, version = summary["train_run_id"], summary["test_eval_run_id"], str(summary["model_version"])
     with httpx.Client(base_url=tracking_uri, timeout=30) as http:
         experiment = _get(http, "experiments/get-by-name", experiment_name="opsvlm")["experiment"]
 
@@ -411,7 +413,8 @@ def _check_mlflow(tracking_uri: str, summary: dict) -> str:
         assert metrics["n_clips"] > 0
         for key in ("oca", "aa_at_1", "tiou_at_0_5", "weighted_score"):
             assert 0.0 <= metrics[key] <= 1.0, (key, metrics.get(key))
-        assert metrics["weighted_score"] == pytest.approx(summary["weighted_score"], abs=1e-6)
+        assert metrics["weighted_score"] == pytest.approx(summary["test_weighted_score"], abs=1e-6)
+        assert tags.get("opsvlm.split_role") == "report", tags
         assert any(k.startswith("baseline/") for k in metrics), sorted(metrics)
         root = _artifacts(http, eval_id)
         assert root.get("plots", {}).get("is_dir") and root.get("predictions", {}).get("is_dir"), root
@@ -550,6 +553,6 @@ def test_pipeline_job_on_a_cluster_then_serve_the_champion(mlflow_url: str, ray_
 
     print(
         f"\ne2e: job {submission_id} SUCCEEDED after {job_seconds:.0f} s; champion v{version} "
-        f"(weighted_score {summary['weighted_score']:.3f}); Serve answered {time.monotonic() - serve_started:.0f} s "
+        f"(test weighted_score {summary['test_weighted_score']:.3f}); Serve answered {time.monotonic() - serve_started:.0f} s "
         f"after RUNNING; total {time.monotonic() - started:.0f} s"
     )

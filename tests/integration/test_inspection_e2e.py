@@ -68,11 +68,12 @@ def trained(ray_local, mlflow_server, scenes, tiny_model_dir, tmp_path_factory):
         EvalConfig(
             model=result.run_id,
             data=str(work / "prepared"),
-            split="test",
-            max_clips=12,
+            split="val",
+            max_examples=12,
             batch_size=12,
             cpus_per_actor=0.9,
             free_generation=False,
+            n_boot=200,
             tracking=tracking,
         )
     )
@@ -81,11 +82,19 @@ def trained(ray_local, mlflow_server, scenes, tiny_model_dir, tmp_path_factory):
         name=MODEL_NAME,
         metrics=evaluation.metrics,
         eval_split=evaluation.eval_split,
+        split_role=evaluation.role,
         eval_run_id=evaluation.run_id,
         tracking_uri=mlflow_server,
     )
     decision = registry.promote(MODEL_NAME, version.version, tracking_uri=mlflow_server)
-    return {"summary": summary, "train": result, "eval": evaluation, "version": version, "decision": decision}
+    return {
+        "summary": summary,
+        "train": result,
+        "eval": evaluation,
+        "version": version,
+        "decision": decision,
+        "prepared": work / "prepared",
+    }
 
 
 def _get(uri: str, path: str, **params) -> dict:
@@ -112,15 +121,39 @@ def test_training_and_evaluation_are_tracked(trained, mlflow_server):
 
     eval_run = _get(mlflow_server, "runs/get", run_id=trained["eval"].run_id)["run"]
     metrics = {m["key"]: m["value"] for m in eval_run["data"]["metrics"]}
-    # fine-tuned next to its baselines in the same run: the zero-shot base and the majority class
-    for key in ("macro_f1", "accuracy", "condition_macro_f1", "object_type_accuracy"):
+    # fine-tuned next to its baselines in the same run: the untrained base, the majority class and, given the object
+    # type as the model is, the type-aware majority and a random class of the type; and the model without the type
+    for key in ("macro_f1", "macro_f1_non_vegetation", "accuracy", "condition_macro_f1"):
         assert key in metrics
-        assert f"baseline/zero-shot_base/{key}" in metrics and f"baseline/majority/{key}" in metrics
-    # the majority baseline predicts one class everywhere: its accuracy is that class's share of the test objects
+        for system in ("untrained-base", "majority", "type-majority", "random-within-type", "fine-tuned_type-unknown"):
+            assert f"baseline/{system}/{key}" in metrics, (system, key)
+    assert "macro_f1_ci95_low" in metrics and "macro_f1_ci95_high" in metrics
+    # the majority baseline predicts one class everywhere: its accuracy is that class's share of the objects
     table = trained["eval"].table
     assert 0 < table["majority"]["accuracy"] < 1 and table["majority"]["parse_failure_rate"] == 0
+    # a random class of the right type always names the right type
+    assert table["random-within-type"]["object_type_accuracy"] == 1.0
     # constrained decoding: every answer is a valid class
-    assert table["fine-tuned"]["parse_failure_rate"] == 0 and table["zero-shot base"]["parse_failure_rate"] == 0
+    assert table["fine-tuned"]["parse_failure_rate"] == 0 and table["untrained-base"]["parse_failure_rate"] == 0
+
+
+def test_evaluate_job_on_an_inspection_model(trained, mlflow_server, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("jobs_evaluate", Path(__file__).parents[2] / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    args = [
+        "--model", f"models:/{MODEL_NAME}@champion", "--data", str(trained["prepared"]),
+        f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=inspection-e2e", "split=test",
+        "max_examples=12", "batch_size=12", "cpus_per_actor=0.9", "free_generation=false", "base_model=false",
+        "variants=false", "n_boot=100",
+    ]  # fmt: skip
+    assert job.main(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["task"] == "inspection" and last["role"] == "report" and last["n_objects"] == 12
+    assert 0 <= last["macro_f1"] <= 1 and len(last["macro_f1_ci95"]) == 2
 
 
 def test_registry_promotes_on_the_tasks_headline_metric(trained, mlflow_server):

@@ -1,5 +1,7 @@
-"""Proof that learning works: the README's main job on its embedded defaults beats the majority baseline on
-held-out subjects. Marked slow (about 10 minutes of training on 2 cores); run with ``pytest -m slow``."""
+"""Proof that learning works: the README's main job on its embedded defaults beats the majority baseline on held-out
+subjects, with the lower end of its 95% test interval above the majority's figure. Marked slow (about 10 minutes of
+training on 2 cores per seed); run with ``pytest -m slow``. ``jobs/learning_report.py`` runs the same check on three
+seeds and stores the summaries the README's figures come from."""
 
 import json
 
@@ -8,20 +10,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_defaults_beat_the_majority_baseline_on_held_out_subjects(tmp_path, capsys):
+@pytest.mark.parametrize("seed", [0])
+def test_pipeline_defaults_beat_the_majority_baseline_on_held_out_subjects(tmp_path, capsys, seed):
     import jobs.pipeline as pipeline
 
     workdir = tmp_path / "pipeline"
-    assert pipeline.main(["--workdir", str(workdir), f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["promoted"] is True
-
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    metrics = client.get_run(summary["eval_run_id"]).data.metrics
-    # the evaluation scored held-out subjects only (split by subject) next to the majority baseline
-    assert metrics["oca"] >= metrics["baseline/majority/oca"] + 0.08, metrics
-    assert metrics["weighted_score"] >= metrics["baseline/majority/weighted_score"] + 0.04, metrics
-    assert metrics["parse_failure_rate"] == 0.0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert pipeline.main(["--workdir", str(workdir), f"tracking_uri={uri}", f"seed={seed}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["promoted"] is True  # a fresh registry: the first version becomes champion
+    assert summary["test_weighted_score_ci95"][0] > summary["majority_test_weighted_score"], summary
+    assert summary["parse_failure_rate"] == 0.0

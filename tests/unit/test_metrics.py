@@ -1,4 +1,5 @@
-"""Hand-computed checks of the clip-task metrics in ``opsvlm.evaluate.metrics``."""
+"""Hand-computed checks of the task-free label metrics (``opsvlm.metrics``) and the clip metrics of the operations
+task (``opsvlm.tasks.operations.metrics``)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,24 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from opsvlm.evaluate.metrics import (
-    CONFUSION_COLUMNS,
+from opsvlm.metrics import (
     INVALID,
-    OPERATION_NAMES,
-    WEIGHTS,
-    ClipPrediction,
-    ClipTruth,
     accuracy,
     class_mean_recall,
-    compute_metrics,
-    confusion_matrices,
     confusion_matrix,
     macro_f1,
     metric_key,
     per_class_f1,
     per_class_recall,
+)
+from opsvlm.tasks.operations.metrics import (
+    CONFUSION_COLUMNS,
+    OPERATION_NAMES,
+    WEIGHTS,
+    ClipPrediction,
+    ClipTruth,
+    compute_metrics,
+    confusion_matrices,
     segment_iou,
     segment_ious,
     weighted_score,

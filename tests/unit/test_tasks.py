@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opsvlm.evaluate.metrics import ClipPrediction, ClipTruth, compute_metrics
+from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics
 from opsvlm.tasks.base import get_task
 from opsvlm.tasks.operations import LABEL_NAMES, ClipInput, OperationsTask, target_text
 

@@ -32,6 +32,7 @@ from opsvlm.data.openpack import (
     list_frames,
     read_operations_csv,
 )
+from opsvlm.tasks.operations import OperationsTask
 from opsvlm.video.decode import ClipFrames, ClipRejection, ClipWindow, decode_session_views
 from opsvlm.video.sampling import SamplingSpec
 
@@ -451,6 +452,7 @@ def prepare(config: PrepareConfig, sources: list[SessionSource] | None = None) -
     summary = _summarize(config, plan, counts, split_of_subject, time.time() - started)
     manifest = {
         "format": MANIFEST_FORMAT,
+        "task": OperationsTask.name,  # clips of OpenPack-layout sessions are the operations task's data
         "source": str(config.source),
         "config": to_dict(config),
         "sampling_spec": to_dict(config.sampling),

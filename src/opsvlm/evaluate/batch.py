@@ -10,34 +10,8 @@ import json
 
 import pyarrow as pa
 
-from opsvlm.data.pipeline import CLIP_SCHEMA
 from opsvlm.inference import Predictor
 from opsvlm.video.sampling import SamplingSpec
-
-TRUTH_COLUMNS = (
-    "clip_id",
-    "subject",
-    "session",
-    "start_s",
-    "end_s",
-    "dominant_operation",
-    "temporal_segment",
-    "next_operation",
-)
-PREDICTION_SCHEMA = pa.schema(
-    [CLIP_SCHEMA.field(name) for name in TRUTH_COLUMNS]
-    + [
-        ("valid", pa.bool_()),
-        ("pred_operation", pa.string()),
-        ("pred_start_s", pa.float64()),
-        ("pred_end_s", pa.float64()),
-        ("pred_next_operation", pa.string()),
-        ("confidence", pa.float64()),
-        ("scores", pa.string()),
-        ("text", pa.string()),
-    ]
-)
-
 
 ANSWER_SCHEMA = pa.schema(
     [("example_id", pa.string()), ("valid", pa.bool_()), ("answer", pa.string()), ("text", pa.string())]
@@ -45,10 +19,8 @@ ANSWER_SCHEMA = pa.schema(
 
 
 class PredictBatch:
-    """Ray Data callable class: holds one Predictor; prepared rows in, prediction rows out (pixels dropped).
-
-    For the operations task the output has ``PREDICTION_SCHEMA`` (what its baselines read); for any other task
-    ``ANSWER_SCHEMA``: the row id, whether the answer is valid, the answer as JSON (``answer.to_dict()``) and the text.
+    """Ray Data callable class: holds one Predictor; prepared rows in, ``ANSWER_SCHEMA`` rows out (pixels dropped):
+    the row id, whether the answer is valid, the answer as JSON (``answer.to_dict()``) and the generated text.
 
     Args:
         model_dir: An opsvlm checkpoint directory, or ``None`` with ``base_model`` for the zero-shot baseline.
@@ -64,7 +36,7 @@ class PredictBatch:
         base_model: str | None = None,
         spec: dict | None = None,
         constrained: bool = True,
-        task: str = "operations",
+        task: str | None = None,
     ):
         if model_dir:
             self.predictor = Predictor.from_checkpoint(model_dir, constrained=constrained)
@@ -75,32 +47,18 @@ class PredictBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         predictions = self.predictor.predict([self.task.input_of(r) for r in rows])
-        if self.task.name != "operations":
-            return pa.Table.from_pylist(
-                [
-                    {
-                        "example_id": row[self.task.id_field],
-                        "valid": answer is not None,
-                        "answer": json.dumps(answer.to_dict()) if answer is not None else None,
-                        "text": answer.text if answer is not None else "",
-                    }
-                    for row, answer in zip(rows, predictions, strict=True)
-                ],
-                schema=ANSWER_SCHEMA,
-            )
-        out = []
-        for row, prediction in zip(rows, predictions, strict=True):
-            record = {key: row[key] for key in TRUTH_COLUMNS}
-            record["valid"] = prediction is not None
-            record["pred_operation"] = prediction.operation if prediction else None
-            record["pred_start_s"] = prediction.start_s if prediction else None
-            record["pred_end_s"] = prediction.end_s if prediction else None
-            record["pred_next_operation"] = prediction.next_operation if prediction else None
-            record["confidence"] = prediction.confidence if prediction else None
-            record["scores"] = json.dumps(prediction.scores) if prediction else "{}"
-            record["text"] = prediction.text if prediction else ""
-            out.append(record)
-        return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
+        return pa.Table.from_pylist(
+            [
+                {
+                    "example_id": row[self.task.id_field],
+                    "valid": answer is not None,
+                    "answer": json.dumps(answer.to_dict()) if answer is not None else None,
+                    "text": answer.text if answer is not None else "",
+                }
+                for row, answer in zip(rows, predictions, strict=True)
+            ],
+            schema=ANSWER_SCHEMA,
+        )
 
 
 def predict_dataset(
@@ -110,7 +68,7 @@ def predict_dataset(
     base_model: str | None = None,
     spec: SamplingSpec | None = None,
     constrained: bool = True,
-    task: str = "operations",
+    task: str | None = None,
     batch_size: int = 8,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
@@ -119,7 +77,7 @@ def predict_dataset(
     """Predictions for every row of a Ray Dataset of prepared rows (clips, or another task's examples).
 
     Args:
-        dataset: Ray Dataset of prepared rows (e.g. ``opsvlm.data.pipeline.CLIP_SCHEMA``).
+        dataset: Ray Dataset of prepared rows of the model's task.
         model_dir: Checkpoint directory (fine-tuned model), or ``None`` with ``base_model`` and ``spec``.
         base_model: Base model for the zero-shot baseline.
         spec: Its sampling spec.
@@ -131,7 +89,7 @@ def predict_dataset(
         gpus_per_actor: GPUs per actor.
 
     Returns:
-        A Ray Dataset with ``PREDICTION_SCHEMA`` rows (operations) or ``ANSWER_SCHEMA`` rows (other tasks).
+        A Ray Dataset of ``ANSWER_SCHEMA`` rows.
     """
     return dataset.map_batches(
         PredictBatch,

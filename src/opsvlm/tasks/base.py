@@ -19,8 +19,11 @@ probabilities.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
+
+__all__ = ["TASK_MODULES", "Task", "get_task", "register_task"]
 
 
 class Task(ABC):
@@ -32,6 +35,8 @@ class Task(ABC):
         labels: The label set of the answer's label slots.
         label_slots: ``{slot index: answer field}`` for the slots that choose a label from ``labels``.
         headline_metric: The metric model promotion compares (higher is better).
+        table_metrics: Columns of the evaluation table, in order; each gets a 95% bootstrap interval.
+        unit: What one example is, plural (``clips``, ``objects``), for counts in summaries.
         id_field: The prepared rows' unique id column.
         rows_dir: Folder of the prepared rows inside a prepared dataset (``<rows_dir>/split=<split>/*.parquet``).
     """
@@ -41,6 +46,8 @@ class Task(ABC):
     labels: ClassVar[tuple[str, ...]]
     label_slots: ClassVar[dict[int, str]]
     headline_metric: ClassVar[str]
+    table_metrics: ClassVar[tuple[str, ...]]
+    unit: ClassVar[str] = "examples"
     id_field: ClassVar[str] = "example_id"
     rows_dir: ClassVar[str] = "examples"
 
@@ -101,7 +108,48 @@ class Task(ABC):
 
     @abstractmethod
     def compute_metrics(self, rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | None]) -> dict[str, float]:
-        """Metrics of answers against the truth in prepared rows (``None`` answers count as wrong)."""
+        """Metrics of answers against the truth in prepared rows (``None`` answers count as wrong).
+
+        Answers are typed answers or their ``to_dict()`` mappings (what evaluation stores and reads back).
+        """
+
+    # --- evaluation hooks (one evaluation flow serves every task) ----------------------------------------------
+
+    @abstractmethod
+    def group_of(self, row: Mapping[str, Any]) -> str:
+        """The resampling unit of a row for bootstrap intervals: examples of one group are not independent."""
+
+    def baselines(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        answers: Sequence[Mapping[str, Any] | None],
+        train_rows: Sequence[Mapping[str, Any]],
+        manifest: Mapping[str, Any],
+    ) -> dict[str, list[Mapping[str, Any] | None]]:
+        """Answers of reference systems on the evaluated rows, scored beside the model with the same metrics.
+
+        A baseline gets the same information the model gets (what the prompt states, the training split), no more.
+
+        Args:
+            rows: [n] evaluated rows (labels only, no pixels).
+            answers: [n] the model's answers (mappings, ``None`` when unparseable), for baselines built on them.
+            train_rows: The training split's rows (labels only).
+            manifest: The prepared dataset's ``manifest.json``.
+
+        Returns:
+            ``{system name: [n] answers}``; names are short ids without spaces (they become summary keys).
+        """
+        return {}
+
+    def eval_variants(self) -> dict[str, Callable[[dict], dict]]:
+        """Other evaluation conditions, scored as extra systems: ``{name: row -> row as the model sees it}``."""
+        return {}
+
+    def write_plots(
+        self, rows: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any] | None], directory: Path
+    ) -> None:
+        """Write the task's evaluation plots (PNG) into ``directory`` (logged with the evaluation run)."""
+        return None
 
 
 _TASKS: dict[str, type[Task]] = {}

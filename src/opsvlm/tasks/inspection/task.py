@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,6 +51,10 @@ MAX_OTHERS = 16
 CLASSES_OF_TYPE: dict[str, tuple[str, ...]] = {
     kind: tuple(name for name in CONDITION_CLASSES if class_condition(name)[0] == kind) for kind in OBJECT_TYPES
 }
+# the classes with a condition to tell apart (an object type with a single class has nothing to classify)
+NON_VEGETATION_CLASSES: tuple[str, ...] = tuple(
+    name for kind, names in CLASSES_OF_TYPE.items() if len(names) > 1 for name in names
+)
 
 
 def _check_box(box: Sequence[float], what: str) -> Box:
@@ -388,6 +393,8 @@ def compute_metrics(rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | N
 
     * ``n_examples``, ``accuracy``, ``macro_f1`` (over the 9 classes; classes with neither truth nor predictions
       are left out of the mean), ``class_mean_recall``, ``parse_failure_rate``;
+    * ``macro_f1_non_vegetation``: macro-F1 over the 8 classes that carry a condition. Vegetation has one class, so
+      once its type is given it is right for free and lifts ``macro_f1`` without any condition being seen;
     * ``recall/<class>`` (classes with support), ``precision/<class>`` (classes predicted at least once),
       ``f1/<class>`` (where defined);
     * per condition (``normal`` / ``blocked`` / ``damaged``, from the class names): ``condition_accuracy`` and
@@ -396,7 +403,7 @@ def compute_metrics(rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | N
     * per object type: ``object_type_accuracy`` (the predicted class names the right type) and
       ``accuracy_by_type/<type>``: 9-class accuracy over the objects of that type.
 
-    ``<class>`` etc. are :func:`opsvlm.evaluate.metrics.metric_key` forms (``toe_drain_blocked``).
+    ``<class>`` etc. are :func:`opsvlm.metrics.metric_key` forms (``toe_drain_blocked``).
 
     Args:
         rows: [n] prepared rows (only ``condition`` is read).
@@ -405,7 +412,7 @@ def compute_metrics(rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | N
     Raises:
         ValueError: empty or misaligned inputs, or a true condition that is not a class.
     """
-    from opsvlm.evaluate.metrics import accuracy, confusion_matrix, macro_f1, metric_key, per_class_f1
+    from opsvlm.metrics import accuracy, confusion_matrix, macro_f1, metric_key, per_class_f1
 
     if len(rows) != len(answers):
         raise ValueError(f"rows and answers must be aligned, got lengths {len(rows)} and {len(answers)}")
@@ -423,6 +430,7 @@ def compute_metrics(rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | N
         "n_examples": float(n),
         "accuracy": accuracy(truth, pred),
         "macro_f1": macro_f1(truth, pred, labels),
+        "macro_f1_non_vegetation": macro_f1(truth, pred, labels, average_over=NON_VEGETATION_CLASSES),
         "class_mean_recall": float(np.mean(tp[support > 0] / support[support > 0])),
         "parse_failure_rate": sum(p is None for p in pred) / n,
     }
@@ -475,6 +483,8 @@ class InspectionTask(Task):
     labels = CONDITION_CLASSES
     label_slots: ClassVar[dict[int, str]] = {1: "condition"}
     headline_metric = "macro_f1"
+    unit = "objects"
+    table_metrics = ("macro_f1", "macro_f1_non_vegetation", "accuracy", "condition_macro_f1", "parse_failure_rate")
 
     def instruction(self, example: ObjectInput) -> str:
         return instruction(example)
@@ -530,3 +540,41 @@ class InspectionTask(Task):
 
     def compute_metrics(self, rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | None]) -> dict[str, float]:
         return compute_metrics(rows, answers)
+
+    def group_of(self, row: Mapping[str, Any]) -> str:
+        return row["image_id"]  # the objects of one image share its light, clutter and annotator
+
+    def baselines(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        answers: Sequence[Mapping[str, Any] | None],
+        train_rows: Sequence[Mapping[str, Any]],
+        manifest: Mapping[str, Any],
+    ) -> dict[str, list[Mapping[str, Any] | None]]:
+        """Majority; and, given the object type as the model is (a perfect stage 1), the type's most frequent class
+        in training and a seeded uniform draw among the type's classes."""
+        if not train_rows:
+            return {}
+        counts = Counter(r["condition"] for r in train_rows)
+        majority = counts.most_common(1)[0][0]
+        by_type = {
+            kind: max(names, key=lambda name: (counts[name], -names.index(name)))
+            for kind, names in CLASSES_OF_TYPE.items()
+        }
+        rng = np.random.default_rng(0)
+        systems: dict[str, list[Mapping[str, Any] | None]] = {"majority": [{"condition": majority} for _ in rows]}
+        if all(r["target_type"] for r in rows):
+            systems["type-majority"] = [{"condition": by_type[r["target_type"]]} for r in rows]
+            systems["random-within-type"] = [
+                {"condition": str(rng.choice(CLASSES_OF_TYPE[r["target_type"]]))} for r in rows
+            ]
+        return systems
+
+    def eval_variants(self) -> dict[str, Callable[[dict], dict]]:
+        # A real stage 1 is sometimes wrong: without the type, the prompt says nothing of it and all 9 classes are
+        # allowed.
+        return {"fine-tuned,type-unknown": _without_type}
+
+
+def _without_type(row: dict) -> dict:
+    return {**row, "target_type": ""}

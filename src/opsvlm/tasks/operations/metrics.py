@@ -28,20 +28,27 @@ The label-array helpers (:func:`confusion_matrix`, :func:`accuracy`, :func:`per_
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import TypeVar
 
 import numpy as np
 
-from opsvlm.tasks.operations import LABEL_NAMES, OPERATIONS
+from opsvlm.metrics import (
+    INVALID,
+    accuracy,
+    check_aligned,
+    confusion_matrix,
+    f1_from_confusion,
+    mean_defined,
+    metric_key,
+    recall_from_confusion,
+    subset_positions,
+)
+from opsvlm.tasks.operations.task import LABEL_NAMES, OPERATIONS
 
 _T = TypeVar("_T")
-
-INVALID = "<invalid>"
-"""Name of the extra confusion-matrix column that collects missing and unknown predictions."""
 
 CONFUSION_COLUMNS: tuple[str, ...] = (*LABEL_NAMES, INVALID)
 """Column names of the operation confusion matrices: ``LABEL_NAMES`` then ``"<invalid>"``."""
@@ -51,6 +58,10 @@ OPERATION_NAMES: tuple[str, ...] = tuple(op.name for op in OPERATIONS)
 
 TIOU_THRESHOLD = 0.5
 """A predicted segment is a hit for tIoU@0.5 when its IoU with the truth is at least this."""
+
+BOUNDARY_TOLERANCE_S = 0.05
+"""A true segment that starts later or ends earlier than this inside its clip makes it a boundary clip (times are on a
+0.1 s grid)."""
 
 WEIGHTS: Mapping[str, float] = MappingProxyType({"oca": 0.3, "tiou_at_0_5": 0.3, "aa_at_1": 0.4})
 """Weights of the headline score, keyed by the metric names that :func:`compute_metrics` returns."""
@@ -176,170 +187,8 @@ def segment_iou(pred_start: float, pred_end: float, true_start: float, true_end:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Generic label-array metrics
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def confusion_matrix(
-    true_labels: Sequence[Hashable], pred_labels: Sequence[Hashable | None], labels: Sequence[Hashable]
-) -> np.ndarray:
-    """Count (truth, prediction) pairs.
-
-    Args:
-        true_labels: [n] true labels, each in ``labels``.
-        pred_labels: [n] predicted labels; ``None`` or anything not in ``labels`` is counted in the last column.
-        labels: [k] the label list, fixing row and column order.
-
-    Returns:
-        int64[k, k + 1] counts; row = truth, column = prediction in ``labels`` order, last column = ``"<invalid>"``
-        (missing or unknown prediction).
-
-    Raises:
-        ValueError: on empty or misaligned inputs, duplicate labels, or a true label not in ``labels``.
-    """
-    index = _label_index(labels)
-    _check_aligned(true_labels, pred_labels)
-    k = len(index)
-    rows = np.empty(len(true_labels), dtype=np.int64)
-    for i, label in enumerate(true_labels):
-        if label not in index:
-            raise ValueError(f"true label {label!r} (position {i}) is not in the label list {list(labels)}")
-        rows[i] = index[label]
-    cols = np.array([index.get(label, k) if label is not None else k for label in pred_labels], dtype=np.int64)
-    counts = np.zeros((k, k + 1), dtype=np.int64)
-    np.add.at(counts, (rows, cols), 1)
-    return counts
-
-
-def accuracy(true_labels: Sequence[Hashable], pred_labels: Sequence[Hashable | None]) -> float:
-    """Top-1 accuracy: the fraction of positions where the prediction equals the truth (``None`` is wrong).
-
-    Args:
-        true_labels: [n] true labels.
-        pred_labels: [n] predicted labels, ``None`` for missing.
-
-    Returns:
-        Accuracy in ``[0, 1]``.
-
-    Raises:
-        ValueError: on empty or misaligned inputs.
-    """
-    _check_aligned(true_labels, pred_labels)
-    hits = sum(p is not None and p == t for t, p in zip(true_labels, pred_labels, strict=True))
-    return hits / len(true_labels)
-
-
-def per_class_recall(
-    true_labels: Sequence[Hashable], pred_labels: Sequence[Hashable | None], labels: Sequence[Hashable]
-) -> np.ndarray:
-    """Per-class accuracy (recall): for each class, the fraction of its true examples predicted as that class.
-
-    Args:
-        true_labels: [n] true labels, each in ``labels``.
-        pred_labels: [n] predicted labels; ``None`` or unknown labels count as wrong.
-        labels: [k] the label list.
-
-    Returns:
-        float64[k] recall per class in ``labels`` order; NaN for a class with no true examples.
-
-    Raises:
-        ValueError: as :func:`confusion_matrix`.
-    """
-    return _recall_from_confusion(confusion_matrix(true_labels, pred_labels, labels))
-
-
-def class_mean_recall(
-    true_labels: Sequence[Hashable], pred_labels: Sequence[Hashable | None], labels: Sequence[Hashable]
-) -> float:
-    """Mean of the per-class recalls over the classes that have true examples (balanced accuracy).
-
-    Unlike :func:`accuracy`, every class present in the truth weighs the same, so rare classes matter.
-
-    Args:
-        true_labels: [n] true labels, each in ``labels``.
-        pred_labels: [n] predicted labels; ``None`` or unknown labels count as wrong.
-        labels: [k] the label list.
-
-    Returns:
-        Class-mean recall in ``[0, 1]``.
-
-    Raises:
-        ValueError: as :func:`confusion_matrix`.
-    """
-    recall = per_class_recall(true_labels, pred_labels, labels)
-    return float(np.nanmean(recall))  # at least one class has support since the input is non-empty
-
-
-def per_class_f1(
-    true_labels: Sequence[Hashable], pred_labels: Sequence[Hashable | None], labels: Sequence[Hashable]
-) -> np.ndarray:
-    """Per-class F1 from the confusion over all of ``labels``.
-
-    For class ``c``: ``tp`` = diagonal count, ``fp`` = column ``c`` minus ``tp`` (predictions of ``c`` on any other
-    true class, including classes that are later left out of an average, such as Null), ``fn`` = row ``c`` minus
-    ``tp`` (including missing/unknown predictions), ``F1 = 2·tp / (2·tp + fp + fn)``.
-
-    A class with neither true examples nor predictions has no F1 (NaN). A class with no true examples but some
-    predictions has F1 0.
-
-    Args:
-        true_labels: [n] true labels, each in ``labels``.
-        pred_labels: [n] predicted labels; ``None`` or unknown labels count as wrong.
-        labels: [k] the label list.
-
-    Returns:
-        float64[k] F1 per class in ``labels`` order, NaN where undefined.
-
-    Raises:
-        ValueError: as :func:`confusion_matrix`.
-    """
-    return _f1_from_confusion(confusion_matrix(true_labels, pred_labels, labels))
-
-
-def macro_f1(
-    true_labels: Sequence[Hashable],
-    pred_labels: Sequence[Hashable | None],
-    labels: Sequence[Hashable],
-    average_over: Sequence[Hashable] | None = None,
-) -> float:
-    """Macro-F1: the unweighted mean of per-class F1 (see :func:`per_class_f1`) over ``average_over``.
-
-    OpenPack's official score is ``macro_f1(truth, pred, LABEL_NAMES, average_over=OPERATION_NAMES)``: the confusion
-    covers all labels including Null, but only the 10 operations are averaged. Classes with neither true examples
-    nor predictions are excluded from the mean (scikit-learn would count them as 0 instead); classes with
-    predictions but no true examples count as 0.
-
-    Args:
-        true_labels: [n] true labels, each in ``labels``.
-        pred_labels: [n] predicted labels; ``None`` or unknown labels count as wrong.
-        labels: [k] the full label list the confusion is built over.
-        average_over: [m] the subset of ``labels`` to average over; all of ``labels`` when ``None``.
-
-    Returns:
-        Macro-F1 in ``[0, 1]``; NaN if no class in ``average_over`` has true examples or predictions.
-
-    Raises:
-        ValueError: as :func:`confusion_matrix`, or if ``average_over`` has labels not in ``labels``.
-    """
-    f1 = per_class_f1(true_labels, pred_labels, labels)
-    return _mean_defined(f1[_subset_positions(labels, average_over)])
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The clip task
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def metric_key(label: str) -> str:
-    """Turn a label name into the snake_case suffix of a per-class metric key.
-
-    Args:
-        label: A label name, e.g. ``"Fill out Order"``.
-
-    Returns:
-        Its snake_case form, e.g. ``"fill_out_order"``.
-    """
-    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
 
 
 def weighted_score(metrics: Mapping[str, float]) -> float:
@@ -372,6 +221,9 @@ def compute_metrics(
       confusion over all labels); operations with no support and no predictions are excluded; NaN if none is left.
     * ``tiou_at_0_5``: fraction of clips whose predicted segment has IoU ≥ 0.5 with the truth.
     * ``mean_tiou``: mean IoU over clips.
+    * ``boundary_tiou_at_0_5``: tIoU@0.5 over the *boundary clips* only (clips whose true segment does not cover the
+      whole clip: an operation changes inside them); NaN when there are none. Most clips lie inside one operation, so
+      the whole-clip segment scores well on tIoU@0.5; on boundary clips it does not. ``n_boundary_clips``: their count.
     * ``aa_at_1``: top-1 accuracy of the next operation.
     * ``aa_class_mean_recall``: mean per-class recall of the next operation over classes present in the truth.
     * ``weighted_score``: ``0.3·oca + 0.3·tiou_at_0_5 + 0.4·aa_at_1``.
@@ -394,7 +246,7 @@ def compute_metrics(
     Raises:
         ValueError: on empty or misaligned inputs, or an invalid truth.
     """
-    _check_aligned(truths, predictions)
+    check_aligned(truths, predictions)
     truth_list = [_to_truth(t, i) for i, t in enumerate(truths)]
     pred_list = [_to_prediction(p, i) for i, p in enumerate(predictions)]
     n = len(truth_list)
@@ -412,12 +264,15 @@ def compute_metrics(
         np.array([t.clip_length_s for t in truth_list], dtype=np.float64),
     )
 
+    boundary = np.array(
+        [t.start_s > BOUNDARY_TOLERANCE_S or t.end_s < t.clip_length_s - BOUNDARY_TOLERANCE_S for t in truth_list]
+    )
     op_confusion = confusion_matrix(true_ops, pred_ops, LABEL_NAMES)
     next_confusion = confusion_matrix(true_next, pred_next, LABEL_NAMES)
-    op_recall = _recall_from_confusion(op_confusion)
-    next_recall = _recall_from_confusion(next_confusion)
-    op_f1 = _f1_from_confusion(op_confusion)
-    op_positions = _subset_positions(LABEL_NAMES, OPERATION_NAMES)
+    op_recall = recall_from_confusion(op_confusion)
+    next_recall = recall_from_confusion(next_confusion)
+    op_f1 = f1_from_confusion(op_confusion)
+    op_positions = subset_positions(LABEL_NAMES, OPERATION_NAMES)
 
     known = set(LABEL_NAMES)
     n_invalid = sum(p is not None and (p.operation not in known or p.next_operation not in known) for p in pred_list)
@@ -426,9 +281,11 @@ def compute_metrics(
         "n_clips": float(n),
         "oca": accuracy(true_ops, pred_ops),
         "oca_class_mean_recall": float(np.nanmean(op_recall)),
-        "macro_f1": _mean_defined(op_f1[op_positions]),
+        "macro_f1": mean_defined(op_f1[op_positions]),
         "tiou_at_0_5": float(np.mean(ious >= TIOU_THRESHOLD)),
         "mean_tiou": float(np.mean(ious)),
+        "n_boundary_clips": float(boundary.sum()),
+        "boundary_tiou_at_0_5": float(np.mean(ious[boundary] >= TIOU_THRESHOLD)) if boundary.any() else math.nan,
         "aa_at_1": accuracy(true_next, pred_next),
         "aa_class_mean_recall": float(np.nanmean(next_recall)),
         "parse_failure_rate": sum(p is None for p in pred_list) / n,
@@ -464,7 +321,7 @@ def confusion_matrices(
     Raises:
         ValueError: as :func:`compute_metrics`.
     """
-    _check_aligned(truths, predictions)
+    check_aligned(truths, predictions)
     truth_list = [_to_truth(t, i) for i, t in enumerate(truths)]
     pred_list = [_to_prediction(p, i) for i, p in enumerate(predictions)]
     return {
@@ -482,54 +339,6 @@ def confusion_matrices(
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_aligned(a: Sequence[object], b: Sequence[object]) -> None:
-    if len(a) == 0:
-        raise ValueError("cannot compute metrics on empty input")
-    if len(a) != len(b):
-        raise ValueError(f"truths and predictions must be aligned, got lengths {len(a)} and {len(b)}")
-
-
-def _label_index(labels: Sequence[Hashable]) -> dict[Hashable, int]:
-    if len(labels) == 0:
-        raise ValueError("the label list is empty")
-    index = {label: i for i, label in enumerate(labels)}
-    if len(index) != len(labels):
-        raise ValueError(f"the label list has duplicates: {list(labels)}")
-    if INVALID in index:
-        raise ValueError(f"{INVALID!r} is reserved for the invalid-prediction column")
-    return index
-
-
-def _subset_positions(labels: Sequence[Hashable], subset: Sequence[Hashable] | None) -> np.ndarray:
-    index = _label_index(labels)
-    if subset is None:
-        return np.arange(len(index))
-    missing = [label for label in subset if label not in index]
-    if missing:
-        raise ValueError(f"average_over has labels not in the label list: {missing}")
-    return np.array([index[label] for label in subset], dtype=np.int64)
-
-
-def _recall_from_confusion(counts: np.ndarray) -> np.ndarray:
-    support = counts.sum(axis=1)
-    diagonal = np.diagonal(counts[:, : counts.shape[0]])
-    return np.where(support > 0, diagonal / np.maximum(support, 1), np.nan)
-
-
-def _f1_from_confusion(counts: np.ndarray) -> np.ndarray:
-    k = counts.shape[0]
-    tp = np.diagonal(counts[:, :k]).astype(np.float64)
-    fp = counts[:, :k].sum(axis=0) - tp
-    fn = counts.sum(axis=1) - tp
-    denominator = 2 * tp + fp + fn
-    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
-
-
-def _mean_defined(values: np.ndarray) -> float:
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if defined.size else math.nan
 
 
 def _as_float(value: object) -> float:

@@ -3,19 +3,20 @@
 * majority: the most frequent dominant and next operation of the training split, segment = the whole clip;
 * grammar prior: the model's operation and segment, next = the most frequent successor of that operation in the
   training split's timelines;
-* oracle grammar (upper reference for AA@1): the true operation and segment, next = its most frequent successor.
-
-The zero-shot base model is the fourth baseline; it runs through the same batch inference as the model.
+* whole-clip segment: the model's operations with the segment set to the whole clip (most 5 s clips lie inside one
+  operation, so this shows how much of tIoU@0.5 carries no signal);
+* oracle grammar (upper reference for AA@1, not a baseline: it sees the truth): the true operation and segment,
+  next = its most frequent successor.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from opsvlm.data.clips import label_runs
 from opsvlm.data.openpack import SessionTimeline
-from opsvlm.tasks.operations import NULL, operation_by_id
+from opsvlm.tasks.operations.task import NULL, operation_by_id
 
 
 def successor_counts(timelines: Iterable[SessionTimeline]) -> dict[str, Counter]:
@@ -40,8 +41,8 @@ def most_frequent_successor(counts: dict[str, Counter], fallback: str) -> dict[s
     return defaultdict(lambda: fallback, table)
 
 
-def majority_predictions(train_rows: Sequence[dict], rows: Sequence[dict]) -> list[dict]:
-    """Majority-class predictions for ``rows`` learned from ``train_rows`` (segment = whole clip)."""
+def majority_predictions(train_rows: Sequence[Mapping], rows: Sequence[Mapping]) -> list[dict]:
+    """The training split's most frequent dominant and next operation for every clip, segment = the whole clip."""
     operation = Counter(r["dominant_operation"] for r in train_rows).most_common(1)[0][0]
     following = Counter(r["next_operation"] for r in train_rows).most_common(1)[0][0]
     return [
@@ -50,35 +51,33 @@ def majority_predictions(train_rows: Sequence[dict], rows: Sequence[dict]) -> li
     ]
 
 
-def grammar_predictions(rows: Sequence[dict], successor: dict[str, str], oracle: bool = False) -> list[dict | None]:
+def whole_clip_segment(rows: Sequence[Mapping], answers: Sequence[Mapping | None]) -> list[dict | None]:
+    """The model's operations with the segment replaced by the whole clip: what tIoU gives for free."""
+    return [
+        None if a is None else {**a, "start_s": 0.0, "end_s": r["end_s"] - r["start_s"]}
+        for r, a in zip(rows, answers, strict=True)
+    ]
+
+
+def grammar_predictions(
+    rows: Sequence[Mapping], answers: Sequence[Mapping | None], successor: dict[str, str], oracle: bool = False
+) -> list[dict | None]:
     """Next operation from the grammar, applied to the model's operation (or the true one when ``oracle``).
 
     Args:
-        rows: Prediction records (``PREDICTION_SCHEMA`` of ``opsvlm.evaluate.batch``).
+        rows: [n] clip rows (labels).
+        answers: [n] the model's answers (mappings with ``operation``, ``start_s``, ``end_s``) or ``None``.
         successor: From :func:`most_frequent_successor`.
-        oracle: Use the true operation and segment (an upper reference, not a method).
+        oracle: Use the true operation and segment (an upper reference that sees the truth, not a baseline).
     """
     out: list[dict | None] = []
-    for r in rows:
+    for r, a in zip(rows, answers, strict=True):
         if oracle:
             start, end = r["temporal_segment"]
-            out.append(
-                {
-                    "operation": r["dominant_operation"],
-                    "start_s": start,
-                    "end_s": end,
-                    "next_operation": successor[r["dominant_operation"]],
-                }
-            )
-        elif r["valid"]:
-            out.append(
-                {
-                    "operation": r["pred_operation"],
-                    "start_s": r["pred_start_s"],
-                    "end_s": r["pred_end_s"],
-                    "next_operation": successor[r["pred_operation"]],
-                }
-            )
+            operation = r["dominant_operation"]
+            out.append({"operation": operation, "start_s": start, "end_s": end, "next_operation": successor[operation]})
+        elif a is not None:
+            out.append({**a, "next_operation": successor[a["operation"]]})
         else:
             out.append(None)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,6 +54,9 @@ BY_NAME: dict[str, Operation] = {op.name: op for op in ALL_LABELS}
 LABEL_NAMES: tuple[str, ...] = tuple(op.name for op in ALL_LABELS)
 
 # OpenPack's standard procedure for one box. "Put on Back Table" (900) happens for roughly a quarter of boxes.
+BOOTSTRAP_BLOCK_S = 30.0
+"""Length of the contiguous blocks of clips that bootstrap intervals resample (see ``OperationsTask.group_of``)."""
+
 PROCEDURE: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 1000, 800, 900)
 OPTIONAL_IDS: frozenset[int] = frozenset({900})
 
@@ -223,8 +227,19 @@ class OperationsTask(Task):
     labels = LABEL_NAMES
     label_slots: ClassVar[dict[int, str]] = {1: "operation", 7: "next_operation"}
     headline_metric = "weighted_score"
+    table_metrics = (
+        "weighted_score",
+        "oca",
+        "tiou_at_0_5",
+        "boundary_tiou_at_0_5",
+        "mean_tiou",
+        "aa_at_1",
+        "macro_f1",
+        "parse_failure_rate",
+    )
     id_field = "clip_id"
     rows_dir = "clips"
+    unit = "clips"
 
     def instruction(self, example: ClipInput) -> str:
         return instruction(example.clip_length_s, example.frame_times_s)
@@ -278,19 +293,70 @@ class OperationsTask(Task):
         return parse_answer(text, example.clip_length_s)
 
     def compute_metrics(self, rows: Sequence[Mapping[str, Any]], answers: Sequence[Any | None]) -> dict[str, float]:
-        """OCA, tIoU@0.5, AA@1, the weighted score and the rest (:func:`opsvlm.evaluate.metrics.compute_metrics`).
+        """OCA, tIoU@0.5, AA@1, the weighted score and the rest (:func:`.metrics.compute_metrics`).
 
         Args:
             rows: Prepared clip rows (their labels; frames are not needed).
-            answers: :class:`Prediction` or any object with ``operation/start_s/end_s/next_operation``, or None.
+            answers: :class:`Prediction`, mappings with ``operation/start_s/end_s/next_operation``, or None.
         """
-        from opsvlm.evaluate.metrics import ClipPrediction, ClipTruth, compute_metrics
+        from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics
+
+        truths = [
+            ClipTruth(r["dominant_operation"], *r["temporal_segment"], r["next_operation"], r["end_s"] - r["start_s"])
+            for r in rows
+        ]
+        predictions = []
+        for a in answers:
+            if a is not None and not isinstance(a, Mapping):
+                a = a.to_dict()
+            predictions.append(
+                None if a is None else ClipPrediction(a["operation"], a["start_s"], a["end_s"], a["next_operation"])
+            )
+        return compute_metrics(truths, predictions)
+
+    def group_of(self, row: Mapping[str, Any]) -> str:
+        # Overlapping clips of one stretch of work are not independent; whole sessions would be the purest unit, but
+        # an evaluation split has only a few. Contiguous blocks of BOOTSTRAP_BLOCK_S seconds of one session keep the
+        # clips that share frames or an operation together.
+        return f"{row['subject']}/{row['session']}/{int(row['start_s'] // BOOTSTRAP_BLOCK_S)}"
+
+    def baselines(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        answers: Sequence[Mapping[str, Any] | None],
+        train_rows: Sequence[Mapping[str, Any]],
+        manifest: Mapping[str, Any],
+    ) -> dict[str, list[Mapping[str, Any] | None]]:
+        from opsvlm.data.openpack import discover_sessions, read_operations_csv
+        from opsvlm.tasks.operations import baselines as b
+
+        subjects = set(manifest["splits"]["train"]["subjects"])
+        timelines = [
+            read_operations_csv(s.annotation) for s in discover_sessions(manifest["source"]) if s.subject in subjects
+        ]
+        successor = b.most_frequent_successor(b.successor_counts(timelines), NULL.name)
+        systems: dict[str, list[Mapping[str, Any] | None]] = {}
+        if train_rows:
+            systems["majority"] = b.majority_predictions(train_rows, rows)
+        systems["fine-tuned+whole-clip"] = b.whole_clip_segment(rows, answers)
+        systems["fine-tuned+grammar"] = b.grammar_predictions(rows, answers, successor)
+        systems["reference:truth-op+grammar"] = b.grammar_predictions(rows, answers, successor, oracle=True)
+        return systems
+
+    def write_plots(
+        self, rows: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any] | None], directory: Path
+    ) -> None:
+        from opsvlm.tasks.operations.metrics import ClipTruth, confusion_matrices
+        from opsvlm.tasks.operations.plots import confusion_png, per_class_png
 
         truths = [
             ClipTruth(r["dominant_operation"], *r["temporal_segment"], r["next_operation"], r["end_s"] - r["start_s"])
             for r in rows
         ]
         predictions = [
-            None if a is None else ClipPrediction(a.operation, a.start_s, a.end_s, a.next_operation) for a in answers
+            None if a is None else {k: a[k] for k in ("operation", "start_s", "end_s", "next_operation")}
+            for a in answers
         ]
-        return compute_metrics(truths, predictions)
+        for name, matrix in confusion_matrices(truths, predictions).items():
+            confusion_png(matrix, f"{name} (rows: truth)", directory / f"confusion_{name}.png")
+        per_class_png(self.compute_metrics(rows, answers), directory / "per_class_recall.png")

@@ -1,0 +1,46 @@
+"""The ``inspection`` task, one folder: condition classes, prompt, rendering and metrics (``task``). Importing it
+registers the task."""
+
+from opsvlm.tasks.inspection.task import (
+    ANSWER_PARTS,
+    CLASSES_OF_TYPE,
+    MAX_OTHERS,
+    NON_VEGETATION_CLASSES,
+    ConditionAnswer,
+    InspectionTask,
+    ObjectInput,
+    allowed_classes,
+    compute_metrics,
+    default_thickness,
+    instruction,
+    mark_target,
+    object_input,
+    parse_answer,
+    render_closeup,
+    render_input,
+    resize_image,
+    spatial_relation,
+    target_text,
+)
+
+__all__ = [
+    "ANSWER_PARTS",
+    "CLASSES_OF_TYPE",
+    "MAX_OTHERS",
+    "NON_VEGETATION_CLASSES",
+    "ConditionAnswer",
+    "InspectionTask",
+    "ObjectInput",
+    "allowed_classes",
+    "compute_metrics",
+    "default_thickness",
+    "instruction",
+    "mark_target",
+    "object_input",
+    "parse_answer",
+    "render_closeup",
+    "render_input",
+    "resize_image",
+    "spatial_relation",
+    "target_text",
+]
