@@ -6,12 +6,17 @@ MLflow's plain file store does not do well); a tracking server URL works the sam
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from opsvlm.config import flatten
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_STORE_DIR = "mlruns"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on one param value
@@ -54,13 +59,27 @@ class MetricBuffer:
     and in data-parallel training every other worker waits for it at the next all-reduce. Buffering keeps each value's
     own step and wall-clock timestamp, so the run's history is the same as with per-step writes.
 
+    An MLflow outage does not stop training: :meth:`add` and :meth:`try_flush` keep the values when a write fails
+    and try again later (waits doubling from ``retry_after_s`` up to ``max_retry_after_s``); :meth:`flush_within`
+    keeps trying for a while (the end of training); :meth:`flush` raises.
+
     Args:
         run_id: The MLflow run to log to.
         tracking_uri: Where that run lives.
         every_steps: ``add`` flushes once values of this many distinct steps are pending (1 = every step).
+        retry_after_s: Wait after a failed write before the next try.
+        max_retry_after_s: Longest wait between tries.
     """
 
-    def __init__(self, run_id: str, tracking_uri: str, every_steps: int) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        tracking_uri: str,
+        every_steps: int,
+        *,
+        retry_after_s: float = 2.0,
+        max_retry_after_s: float = 30.0,
+    ) -> None:
         from mlflow import MlflowClient
 
         if every_steps < 1:
@@ -70,6 +89,11 @@ class MetricBuffer:
         self._every = every_steps
         self._pending: list[Any] = []  # mlflow.entities.Metric
         self._steps: set[int] = set()
+        self._retry_after_s = retry_after_s
+        self._max_retry_after_s = max_retry_after_s
+        self._wait_s = retry_after_s
+        self._next_try = 0.0  # time.monotonic() before which no write is tried
+        self.failed_writes = 0
 
     @property
     def pending(self) -> int:
@@ -84,7 +108,40 @@ class MetricBuffer:
         self._pending.extend(Metric(key, float(value), millis, step) for key, value in metrics.items())
         self._steps.add(step)
         if len(self._steps) >= self._every:
+            self.try_flush()
+
+    def try_flush(self) -> bool:
+        """Write the pending values unless a recent write failed; never raises. Returns whether nothing is pending."""
+        if not self._pending:
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        try:
             self.flush()
+        except Exception as exc:  # an outage: keep the values, try again later
+            self.failed_writes += 1
+            self._next_try = time.monotonic() + self._wait_s
+            logger.warning(
+                "MLflow write failed (%s); %d values kept, next try in %.0f s", exc, len(self._pending), self._wait_s
+            )
+            self._wait_s = min(self._wait_s * 2, self._max_retry_after_s)
+            return False
+        self._wait_s, self._next_try = self._retry_after_s, 0.0
+        return True
+
+    def flush_within(self, seconds: float) -> bool:
+        """Try to write everything pending for up to ``seconds``; returns whether it all got written."""
+        deadline = time.monotonic() + seconds
+        while not self.try_flush():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(max(0.0, min(self._next_try, deadline) - time.monotonic()) + 0.05)
+        return True
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Take the pending values out as ``{"key", "value", "timestamp", "step"}`` dicts (handed on elsewhere)."""
+        pending, self._pending, self._steps = self._pending, [], set()
+        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in pending]
 
     def flush(self) -> None:
         """Write every pending value (the client splits requests at MLflow's per-batch limit)."""
@@ -96,3 +153,25 @@ class MetricBuffer:
         except BaseException:
             self._pending = pending + self._pending  # kept for a retry; nothing silently dropped
             raise
+
+
+def call_with_retry(fn: Callable[[], T], *, within_s: float, what: str, first_wait_s: float = 1.0) -> T:
+    """``fn()``, tried again after a failure (waits doubling up to 30 s) until it succeeds or ``within_s`` passed.
+
+    For the driver's MLflow calls around training (reopening a run, uploading the final checkpoint), so a tracking
+    server that is down for a while delays them instead of failing the run.
+
+    Raises:
+        The last error, once ``within_s`` seconds passed without a success.
+    """
+    deadline = time.monotonic() + within_s
+    wait = first_wait_s
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if time.monotonic() + wait > deadline:
+                raise
+            logger.warning("%s failed (%s); retrying in %.0f s", what, exc, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)

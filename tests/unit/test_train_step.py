@@ -21,7 +21,7 @@ from opsvlm.model.plan import LORA_TARGET_PRESETS
 from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
 from opsvlm.train.config import OptimSettings, ScalingSettings, TrainConfig
 from opsvlm.train.examples import collate, encode_training_example
-from opsvlm.train.loop import _deepspeed_config
+from opsvlm.train.engine import deepspeed_config
 
 CLIPS = [
     ("Picking", 0.0, 2.5, "Relocate Item Label"),
@@ -126,7 +126,7 @@ def _engine(tiny_dir: str, config: TrainConfig):
     model, _ = lora_model(tiny_dir, rank=4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr)
     engine, ds_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=_deepspeed_config(config, torch.float32)
+        model=model, optimizer=optimizer, config=deepspeed_config(config.optim, 2, torch.float32)
     )
     return model, engine, ds_optimizer
 

@@ -40,6 +40,13 @@ logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATION_CHOICES: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
+FP32_MODULE_GROUPS: tuple[str, ...] = ("vision", "norms", "lm_head")
+# model.fp32_modules: null = this under float16 compute, nothing under bfloat16/float32. The vision tower: public
+# reports of Qwen2-VL / Qwen2.5-VL-3B's ViT overflowing fp16 (huggingface/transformers#33312, vllm-project/vllm#13968).
+# Norms: cheap, and their outputs feed every projection. lm_head stays out by default: transformers' causal-LM loss
+# already upcasts the logits before the softmax, and an fp32 lm_head matmul costs ~8x on a T4 for ~10% of the
+# language model's FLOPs.
+DEFAULT_FP16_FP32_MODULES: tuple[str, ...] = ("vision", "norms")
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -90,6 +97,10 @@ class ModelConfig:
         gradient_checkpointing: Recompute layer activations in the backward pass (non-reentrant), trading ~30% more
             compute for far less activation memory.
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (Ampere+ only, not on T4).
+        fp32_modules: Numerically fragile parts kept in fp32 when training in fp16/bf16 (weights fp32, forward
+            outside autocast): any of ``"vision"`` (the vision tower), ``"norms"`` (every RMSNorm/LayerNorm),
+            ``"lm_head"``. ``null`` (default): ``vision`` and ``norms`` under float16 compute, none otherwise (see
+            :data:`DEFAULT_FP16_FP32_MODULES` for the evidence); ``[]``: none.
     """
 
     name: str = "tiny"
@@ -98,6 +109,7 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    fp32_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -119,6 +131,9 @@ class ModelConfig:
                 f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATION_CHOICES)}, "
                 f"got {self.attn_implementation!r}"
             )
+        unknown = set(self.fp32_modules or ()) - set(FP32_MODULE_GROUPS)
+        if unknown:
+            raise ValueError(f"model.fp32_modules must hold only {list(FP32_MODULE_GROUPS)}, got {sorted(unknown)}")
 
 
 def target_modules_regex(targets: str) -> str:
@@ -187,6 +202,62 @@ def resolve_compute_dtype(name: str, device: str | torch.device | None = None) -
             "(compute capability < 8.0, e.g. T4); use float16 or auto"
         )
     return _DTYPES[name]
+
+
+def fp32_module_groups(config: ModelConfig, compute_dtype: torch.dtype) -> tuple[str, ...]:
+    """The groups :func:`keep_in_fp32` applies for ``config`` at ``compute_dtype`` (none under fp32)."""
+    if compute_dtype == torch.float32:
+        return ()
+    if config.fp32_modules is None:
+        return DEFAULT_FP16_FP32_MODULES if compute_dtype == torch.float16 else ()
+    return tuple(config.fp32_modules)
+
+
+def _fp32_forward(forward, *args, **kwargs):
+    """Run ``forward`` in fp32: floating tensor arguments cast up, autocast off (restored afterwards)."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    device_type = tensors[0].device.type if tensors else "cpu"
+
+    def up(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    with torch.autocast(device_type, enabled=False):
+        return forward(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+
+def keep_in_fp32(model: Any, groups: tuple[str, ...]) -> list[str]:
+    """Keep numerically fragile modules in fp32 under fp16/bf16 autocast: their floating parameters are cast to
+    fp32 (4-bit weights untouched) and their forward runs with autocast off on fp32 inputs.
+
+    Args:
+        model: The (peft) model, after the adapter is attached (so ``modules_to_save`` copies are covered).
+        groups: Any of :data:`FP32_MODULE_GROUPS`.
+
+    Returns:
+        The paths of the modules kept in fp32 (outermost only: a norm inside the vision tower is covered by it).
+    """
+    import functools
+
+    kept: list[str] = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        wanted = (
+            ("vision" in groups and leaf == "visual")
+            or ("lm_head" in groups and leaf == "lm_head")
+            or ("norms" in groups and type(module).__name__.endswith(("RMSNorm", "LayerNorm")))
+        )
+        if not wanted or any(name.startswith(k + ".") for k in kept):
+            continue
+        for param in module.parameters():
+            if (
+                param.is_floating_point()
+                and param.dtype != torch.float32
+                and getattr(param, "quant_state", None) is None
+            ):
+                param.data = param.data.float()
+        module.forward = functools.partial(_fp32_forward, module.forward)
+        kept.append(name)
+    return kept
 
 
 def check_trainable_quantization(quantization: str) -> None:
@@ -340,7 +411,7 @@ def _lora_target_names(model: Any, regex: str) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
 
 
-def prepare_for_training(model: Any, config: ModelConfig) -> tuple[Any, dict[str, Any]]:
+def prepare_for_training(model: Any, config: ModelConfig, device_map: Any = None) -> tuple[Any, dict[str, Any]]:
     """Freeze the base, optionally enable activation checkpointing, and attach a LoRA adapter.
 
     For nf4 this first runs ``peft.prepare_model_for_kbit_training``, which freezes everything and upcasts every
@@ -348,9 +419,12 @@ def prepare_for_training(model: Any, config: ModelConfig) -> tuple[Any, dict[str
     stream then runs in fp32 and only the 4-bit matmuls in the compute dtype. LoRA weights are fp32 in both modes
     (peft's ``autocast_adapter_dtype``).
 
+    Under fp16/bf16 compute, the groups of ``config.fp32_modules`` are then kept in fp32 (:func:`keep_in_fp32`).
+
     Args:
         model: From :func:`load_base_model` with the same ``config``.
         config: Model settings.
+        device_map: As given to :func:`load_base_model` (decides the compute dtype ``"auto"`` resolves to).
 
     Returns:
         ``(peft_model, report)``; ``report`` has ``trainable_params``, ``total_params`` (4-bit weights at their
@@ -395,8 +469,9 @@ def prepare_for_training(model: Any, config: ModelConfig) -> tuple[Any, dict[str
     )
     peft_model = get_peft_model(model, lora_config)
     peft_model.train()  # from_pretrained leaves eval mode, which would disable LoRA dropout and checkpointing.
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, _device_of(device_map))
+    fp32_kept = keep_in_fp32(peft_model, fp32_module_groups(config, compute_dtype))
     trainable, total = count_parameters(peft_model)
-    compute_dtype = resolve_compute_dtype(config.compute_dtype, next(peft_model.parameters()).device)
     report = {
         "trainable_params": trainable,
         "total_params": total,
@@ -405,6 +480,7 @@ def prepare_for_training(model: Any, config: ModelConfig) -> tuple[Any, dict[str
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "target_regex": regex,
         "lora_modules": len(targets),
+        "fp32_modules": len(fp32_kept),
     }
     logger.info(
         "LoRA r=%d on %d modules: %d trainable of %d parameters (%.4f%%), quantization=%s, compute_dtype=%s",

@@ -6,7 +6,13 @@ A checkpoint directory is everything serving needs, plus what resuming needs::
     processor/             the processor, with its explicit pixel limits
     model.json             base model reference, quantization, compute dtype, sampling spec, label set, step
     train_config.json      the full training config
-    trainer_state.pt       optimizer / scheduler / step counters (rank 0, DDP); DeepSpeed writes ds/ instead
+    trainer_state.pt       step counters, data cursor, optimizer / scheduler / loss-scaler state (rank 0)
+    rng/rank<r>.pt         every rank's torch (and CUDA) RNG state
+    ds/                    DeepSpeed's partitioned optimizer state (ZeRO only)
+
+Only adapter, processor and ``model.json`` are uploaded to the MLflow run (:data:`REGISTERED_FILES`); the
+completion marker :data:`COMPLETE_MARKER` is uploaded after them, and registration refuses a run without it.
+Everything here is loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ PROCESSOR_DIR = "processor"
 MODEL_FILE = "model.json"
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.pt"
+RNG_DIR = "rng"
 DEEPSPEED_DIR = "ds"
+REGISTERED_FILES = (ADAPTER_DIR, PROCESSOR_DIR, MODEL_FILE)  # what a model version holds; no trainer state
+COMPLETE_MARKER = "checkpoint.complete.json"  # run-root artifact, uploaded after the checkpoint's files
 
 
 def save_model_files(
@@ -118,10 +127,50 @@ def sampling_spec_of(directory: str | Path) -> SamplingSpec:
 
 
 def save_trainer_state(directory: str | Path, state: dict) -> None:
-    """Optimizer/scheduler state dicts and counters (``step``, ``epoch``, ``batches_done``)."""
+    """Counters (``opsvlm.train.step.TrainState``) and optimizer/scheduler/scaler state dicts: tensors and plain
+    values only, so :func:`load_trainer_state` can load with ``weights_only=True``."""
     torch.save(state, Path(directory) / STATE_FILE)
 
 
 def load_trainer_state(directory: str | Path) -> dict | None:
+    """What :func:`save_trainer_state` wrote (``None`` if absent); never unpickles arbitrary objects."""
     path = Path(directory) / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def save_rng_state(directory: str | Path, rank: int) -> None:
+    """This process's torch CPU RNG state (and its current CUDA device's) as ``rng/rank<rank>.pt``."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    path = Path(directory) / RNG_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / f"rank{rank}.pt")
+
+
+def load_rng_state(directory: str | Path, rank: int) -> bool:
+    """Restore what :func:`save_rng_state` wrote for ``rank``; ``False`` if the checkpoint has none for it (a
+    resume on more workers than before: that rank keeps its freshly seeded state)."""
+    path = Path(directory) / RNG_DIR / f"rank{rank}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+def completion_marker(step: int, files: list[str]) -> dict:
+    """The content of :data:`COMPLETE_MARKER`: the format, the step, and the uploaded files."""
+    return {"format": CHECKPOINT_FORMAT, "step": step, "files": sorted(files)}
+
+
+def upload_complete(client, run_id: str) -> bool:
+    """Whether the run's final checkpoint upload finished (its :data:`COMPLETE_MARKER` exists).
+
+    Args:
+        client: An ``mlflow.MlflowClient`` for the run's tracking URI.
+        run_id: The training run.
+    """
+    return any(Path(item.path).name == COMPLETE_MARKER for item in client.list_artifacts(run_id))

@@ -13,17 +13,16 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 class DataSettings:
     """Which prepared clips to train on (the output folder of ``jobs/prepare_data.py``).
 
+    Rows are read with Ray Data into Ray's object store (spilled to disk when larger than memory) before training
+    starts; every epoch then visits them in a seeded permutation of row ids (:mod:`opsvlm.train.order`): a full
+    shuffle, the same after a restart on any number of workers.
+
     Attributes:
         prepared: Folder holding ``manifest.json`` and ``clips/split=*/``.
         train_split: Split to train on.
         val_split: Split for the per-epoch validation loss.
         max_train_clips: Use at most this many training clips (quick runs); ``None`` = all.
         max_val_clips: Use at most this many validation clips.
-        materialize: Read the shards into Ray's object store before training starts (with a seeded global shuffle).
-            Avoids Ray Data read tasks competing with the training workers for CPUs on small machines; turn off for
-            datasets larger than memory.
-        shuffle_buffer: Rows in each worker's local shuffle buffer, reseeded every epoch. Shards hold clips in
-            session order, and batches of consecutive, overlapping clips from one session train badly.
         class_weighting: Class-weighted loss against class imbalance: ``none`` (the model's own loss),
             ``inverse_frequency`` or ``sqrt_inverse`` (weights from the training split's class counts, mean 1;
             see ``opsvlm.train.weighting``). The task says what a row's class is.
@@ -36,8 +35,6 @@ class DataSettings:
     val_split: str = "val"
     max_train_clips: int | None = None
     max_val_clips: int | None = None
-    materialize: bool = True
-    shuffle_buffer: int = 256
     class_weighting: str = "none"
     oversample_power: float = 0.0
 
@@ -133,6 +130,10 @@ class TrackingSettings:
             epoch, at the end of training and before it stops on an error. A synchronous write per step stalls every
             worker at the next all-reduce; 1 writes every step. Steps buffered when a worker dies are not lost for
             good: training resumes from the latest checkpoint, before which everything was written, and redoes them.
+            A write that fails (MLflow down) keeps its values for the next try; training goes on.
+        retry_for_s: How long MLflow calls are retried during an outage where they must succeed: rank 0's last
+            metric write (past it, the values travel in the final checkpoint and the driver writes them), and the
+            driver's run reopening and final upload.
     """
 
     tracking_uri: str = ""
@@ -140,10 +141,13 @@ class TrackingSettings:
     run_name: str = ""
     log_system_metrics: bool = True
     log_every_steps: int = 10
+    retry_for_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.log_every_steps < 1:
             raise ValueError(f"tracking.log_every_steps must be >= 1, got {self.log_every_steps}")
+        if self.retry_for_s < 0:
+            raise ValueError(f"tracking.retry_for_s must be >= 0, got {self.retry_for_s}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,8 @@ class TrainConfig:
         seed: Seed for weights init of LoRA and data order.
         kill_worker_at_step: Fault injection for resilience tests: the last worker SIGKILLs itself once after this
             optimizer step (a marker file in the storage path makes it happen only once). ``None`` in real runs.
+        kill_driver_at_step: Fault injection: rank 0 SIGKILLs the driver process once after the checkpoint of this
+            step is committed (same node only; ``jobs/train.py --resume`` continues the run). ``None`` in real runs.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,6 +182,7 @@ class TrainConfig:
     storage_path: str = ""
     seed: int = 0
     kill_worker_at_step: int | None = None
+    kill_driver_at_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_steps < 1:
@@ -186,3 +193,8 @@ class TrainConfig:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
         # refuse before any worker starts, also on CPU runs where the memory planner is skipped
         check_zero_compat(self.model.quantization, self.scaling.zero_stage)
+        if self.scaling.zero_stage and self.model.compute_dtype == "float16" and self.model.fp32_modules:
+            raise ValueError(
+                "model.fp32_modules cannot be kept in fp32 under DeepSpeed fp16 (it casts the whole model to fp16 and "
+                "scales the loss itself): set model.fp32_modules=[] or use scaling.zero_stage=0 (DDP + GradScaler)"
+            )
