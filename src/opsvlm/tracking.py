@@ -20,6 +20,10 @@ T = TypeVar("T")
 
 DEFAULT_STORE_DIR = "mlruns"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on one param value
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, prompts) unless the experiment says it holds model
+# training runs; this tag (the UI's "custom model development" kind) makes it open on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -39,12 +43,18 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient(tracking_uri).set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return experiment.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         # Keep artifacts beside the database, as an absolute path, so any process (Ray workers, Serve) finds them.
         artifact_location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return mlflow.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def config_params(config: dict[str, Any]) -> dict[str, str]:

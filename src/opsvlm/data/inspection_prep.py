@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from opsvlm.config import to_dict
 from opsvlm.data.yolo import CONDITION_CLASSES, canonical_class_name, class_condition, read_dataset
-from opsvlm.tasks.inspection import mark_target, render_closeup, resize_image
+from opsvlm.tasks.inspection import InspectionTask, mark_target, render_closeup, resize_image
 from opsvlm.video.sampling import SamplingSpec
 
 MANIFEST_FORMAT = "opsvlm-examples/1"
@@ -300,7 +300,7 @@ def prepare_inspection(config: InspectionPrepConfig) -> dict:
     counts = _read_back(rows_dir, rejected_dir)
     manifest = {
         "format": MANIFEST_FORMAT,
-        "task": "inspection",
+        "task": InspectionTask.name,  # one example per object of a YOLO export: the inspection task's data
         "rows_dir": ROWS_DIR,
         "source": str(config.source),
         "config": to_dict(config),

@@ -475,7 +475,7 @@ def quantization_study(config: QuantStudyConfig) -> dict[str, Any]:
     model_dir = registry.resolve_model(config.model, tracking_uri, config.cache_dir or None)
     described = registry.describe_model(config.model, tracking_uri)
     meta = read_model_meta(model_dir)
-    task = get_task(meta.get("task", "operations"))
+    task = get_task(meta["task"])
     manifest_path = Path(config.data) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if "sampling_spec" in manifest and "sampling_spec" in meta and manifest["sampling_spec"] != meta["sampling_spec"]:
