@@ -41,13 +41,16 @@ LONG_SECONDS = 12.0
 # --- helpers shared with tests/integration/test_serve.py -------------------------------------------------------------
 
 
-def write_adapter_checkpoint(directory: Path, tiny_dir: Path, spec: SamplingSpec, seed: int = 0) -> Path:
-    """A real opsvlm checkpoint: the tiny base with a freshly attached (untrained) LoRA adapter, saved by the same
-    ``save_model_files`` training uses. Untrained LoRA leaves the base's outputs unchanged, which is all serving
-    tests need: constrained decoding still gives valid answers."""
+def write_adapter_checkpoint(
+    directory: Path, tiny_dir: Path, spec: SamplingSpec, seed: int = 0, task: str = "operations"
+) -> Path:
+    """A real opsvlm checkpoint of ``task``: the tiny base with a freshly attached (untrained) LoRA adapter, saved by
+    the same ``save_model_files`` training uses. Untrained LoRA leaves the base's outputs unchanged, which is all
+    serving tests need: constrained decoding still gives valid answers."""
     import torch
 
     from opsvlm.model.build import LoraSettings, ModelConfig, load_base_model, load_processor, prepare_for_training
+    from opsvlm.tasks.base import get_task
     from opsvlm.train.checkpoint import save_model_files
 
     config = ModelConfig(
@@ -66,8 +69,8 @@ def write_adapter_checkpoint(directory: Path, tiny_dir: Path, spec: SamplingSpec
         quantization="none",
         compute_dtype="float32",
         spec=spec,
-        labels=list(LABEL_NAMES),
-        task="operations",
+        labels=list(get_task(task).labels),
+        task=task,
         step=0,
         config={"test": "serving"},
     )
