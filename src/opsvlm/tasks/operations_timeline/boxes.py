@@ -208,3 +208,17 @@ def session_figures(figures: list[BoxFigures], labels: np.ndarray) -> dict:
         "repeats": kinds.count("repeat"),
         "boxes_with_missing_steps": sum(1 for f in figures if f.missing_steps and not f.at_recording_edge),
     }
+
+
+__all__ = [
+    "DEFAULT_RESET_DROP",
+    "OPTIONAL_INDICES",
+    "PROCEDURE_INDICES",
+    "STEP_OF",
+    "BoxFigures",
+    "Transition",
+    "assign_boxes",
+    "box_figures",
+    "classify_transition",
+    "session_figures",
+]

@@ -102,3 +102,10 @@ def fuse(windows: WindowScores, cell_starts_s: np.ndarray) -> tuple[np.ndarray, 
         sums = fused.sum(axis=1, keepdims=True)
         out.append(np.divide(fused, sums, out=np.full_like(fused, 1.0 / labels), where=sums > 0))
     return out[0], out[1], coverage
+
+
+__all__ = [
+    "WindowScores",
+    "coverage_weights",
+    "fuse",
+]

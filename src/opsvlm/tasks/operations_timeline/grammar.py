@@ -317,3 +317,15 @@ def anticipate(labels: np.ndarray, next_scores: np.ndarray, grammar: Grammar | N
     best = weights.argmax(axis=1).astype(np.int64)
     confidence = np.divide(weights[np.arange(len(labels)), best], totals, out=np.zeros(len(labels)), where=totals > 0)
     return best, confidence
+
+
+__all__ = [
+    "GRAMMAR_FORMAT",
+    "Grammar",
+    "anticipate",
+    "argmax_decode",
+    "decode",
+    "learn_grammar",
+    "procedure_grammar",
+    "viterbi",
+]

@@ -155,3 +155,18 @@ def runs_of(labels: np.ndarray) -> list[Run]:
     change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
     bounds = np.concatenate(([0], change, [labels.size]))
     return [Run(int(labels[a]), int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+__all__ = [
+    "EPOCH",
+    "INDEX_OF_ID",
+    "LABELS",
+    "NULL_INDEX",
+    "OP_IDS",
+    "Run",
+    "SecondGrid",
+    "annotated_cells",
+    "runs_of",
+    "truth_boxes",
+    "truth_labels",
+]

@@ -237,3 +237,22 @@ def score_sessions(
         out[f"f1/{LABELS[index]}"] = float(2 * c_tp / (2 * c_tp + c_fp + c_fn)) if c_tp > 0 else 0.0
     out["boundaries"] = int(sum(s.boundaries[1] for s in stats))
     return out
+
+
+__all__ = [
+    "F1_OVERLAPS",
+    "OPERATION_INDICES",
+    "SessionStats",
+    "boundary_next_accuracy",
+    "class_counts",
+    "class_f1",
+    "edit_score",
+    "f1_from_counts",
+    "frame_macro_f1",
+    "levenshtein",
+    "macro_f1_from_counts",
+    "overlap_counts",
+    "score_sessions",
+    "segments",
+    "session_stats",
+]

@@ -171,3 +171,17 @@ def write_session(out_dir: str | Path, annotation: SessionAnnotation, scores: di
     if operations is not None:
         paths["operations"] = operations
     return paths
+
+
+__all__ = [
+    "FIGURE_COLUMNS",
+    "ONE_HZ_COLUMNS",
+    "figures_rows",
+    "predicted_timeline",
+    "session_stem",
+    "write_figures",
+    "write_json",
+    "write_one_hz",
+    "write_operations",
+    "write_session",
+]

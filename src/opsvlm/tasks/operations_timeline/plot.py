@@ -78,3 +78,8 @@ def gantt_png(annotation: SessionAnnotation, path: str | Path, title: str | None
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+__all__ = [
+    "gantt_png",
+]
