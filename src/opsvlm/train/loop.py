@@ -268,13 +268,9 @@ def _blocks(dataset) -> list[list]:
     import ray
 
     refs = dataset.to_arrow_refs()
-    num_rows = ray.remote(num_cpus=0)(_num_rows)
+    num_rows = ray.remote(num_cpus=0)(lambda table: table.num_rows)  # shipped by value: imports nothing of ours
     sizes = ray.get([num_rows.remote(ref) for ref in refs])
     return [refs, sizes]
-
-
-def _num_rows(table) -> int:
-    return table.num_rows
 
 
 @contextlib.contextmanager
