@@ -1,10 +1,12 @@
 """Print the per-GPU memory plan for a LoRA / QLoRA fine-tuning run as one JSON object.
 
 Nothing is downloaded and no GPU is needed: known hub ids are resolved from the configs shipped with opsvlm, any
-other model from a local directory's ``config.json``. Settings are ``key=value`` pairs naming fields of
+other model from a local directory's ``config.json``. Settings are ``key=value`` overrides of the fields of
 ``opsvlm.model.plan.PlanInputs`` (quantization, lora_rank, lora_targets, lora_dropout, frames_per_clip,
 frame_height, frame_width, text_tokens, micro_batch, global_batch, num_gpus, gradient_checkpointing, optimizer,
-zero_stage, dtype, safety_margin).
+zero_stage, dtype, safety_margin), loaded with ``opsvlm.config.load_config`` like every job's config: values are
+YAML (``micro_batch=null`` lets the planner choose, ``gradient_checkpointing=false``), choices are checked against
+their ``Literal`` types, an unknown key is an error.
 
 Usage::
 
@@ -27,27 +29,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-
-def _import_plan():
-    """Import the planner, falling back to the repository's ``src`` when opsvlm is not installed (Ray working dir)."""
-    try:
-        from opsvlm.model import plan
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from opsvlm.model import plan
-    return plan
-
-
-def _parse_pairs(pairs: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"expected key=value, got {pair!r}")
-        out[key.strip()] = value
-    return out
+from opsvlm.config import ConfigError, load_config
+from opsvlm.model.plan import PlanError, PlanInputs, plan_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,11 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("settings", nargs="*", metavar="key=value", help="PlanInputs fields to override")
     args = parser.parse_args(argv)
 
-    plan = _import_plan()
     try:
-        inputs = plan.PlanInputs.from_strings(args.model, args.gpu, _parse_pairs(args.settings))
-        result = plan.plan_memory(inputs)
-    except (plan.PlanError, ValueError) as err:
+        for setting in args.settings:
+            if setting.partition("=")[0].strip() in ("model", "gpu"):
+                raise ConfigError(f"{setting!r}: give the model and the GPU with --model and --gpu")
+        # JSON-quoted: a YAML scalar that stays the string it is (a directory named 123, a GPU named "null").
+        given = [f"model={json.dumps(args.model)}", f"gpu={json.dumps(args.gpu)}"]
+        inputs = load_config(PlanInputs, None, [*given, *args.settings])
+        result = plan_memory(inputs)
+    except (PlanError, ConfigError) as err:
         print(f"jobs/plan.py: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_dict(), indent=2))

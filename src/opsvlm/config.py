@@ -8,6 +8,7 @@ own ``__post_init__`` checks validate the result. Unknown keys are errors, never
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Sequence
@@ -15,6 +16,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "check_choices",
+    "flatten",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -43,7 +54,8 @@ def _coerce(value: Any, annotation: Any, field_path: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{field_path}: {value!r} fits none of {annotation}: {errors}")
     if origin is typing.Literal:
-        if value not in args:
+        # Same type as well as equal value: True is not the choice 1, nor 2.0 the choice 2.
+        if not any(value == choice and type(value) is type(choice) for choice in args):
             raise ConfigError(f"{field_path}: must be one of {list(args)}, got {value!r}")
         return value
     if origin in (tuple, list):
@@ -87,6 +99,39 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+
+
+def _has_literal(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is typing.Literal:
+        return True
+    return any(_has_literal(arg) for arg in typing.get_args(annotation))
+
+
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if _has_literal(hints[f.name]))
+
+
+def check_choices(config: Any, prefix: str = "", error: type[ValueError] = ConfigError) -> None:
+    """Check the ``Literal``-typed fields of a dataclass built directly in Python (``load_config`` checks them
+    already): call it from ``__post_init__`` instead of listing the choices by hand.
+
+    Args:
+        config: A dataclass instance.
+        prefix: Prepended to field names in the message (``"model."`` gives ``model.quantization: ...``).
+        error: The exception class to raise (a ``ValueError`` taking one message).
+
+    Raises:
+        ValueError: ``error``, naming the field, the choices and the value, for the first field off its choices.
+    """
+    for name, annotation in _choice_fields(type(config)):
+        try:
+            _coerce(getattr(config, name), annotation, f"{prefix}{name}")
+        except ConfigError as exc:
+            if error is ConfigError:
+                raise
+            raise error(str(exc)) from None
 
 
 def to_dict(config: Any) -> dict:

@@ -373,9 +373,33 @@ def test_cli_errors_go_to_stderr(capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "ZeRO-3" in captured.err
     assert cli.main(["--model", QWEN25_7B, "--gpu", "T4", "no_such_setting=1"]) == 2
-    assert "unknown plan setting" in capsys.readouterr().err
+    assert "unknown key(s) ['no_such_setting']" in capsys.readouterr().err
+    assert cli.main(["--model", QWEN25_7B, "--gpu", "T4", "optimizer=sgd"]) == 2
+    assert "optimizer: must be one of ['adamw', 'adamw_8bit', 'paged_adamw_8bit']" in capsys.readouterr().err
+    assert cli.main(["--model", QWEN25_7B, "--gpu", "T4", "gpu=L4"]) == 2
+    assert "--gpu" in capsys.readouterr().err
     assert cli.main(["--model", "Qwen/Qwen2.5-VL-72B-Instruct", "--gpu", "T4", "quantization=none", "--check"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_cli_settings_are_config_overrides(capsys):
+    """The CLI loads PlanInputs with opsvlm.config.load_config: YAML values, null for "let the planner choose"."""
+    cli = load_cli()
+    args = ["--model", QWEN25_3B, "--gpu", "a100-80gb", "micro_batch=null", "gradient_checkpointing=false"]
+    assert cli.main([*args, "quantization=none", "zero_stage=2", "num_gpus=2", "dtype=bf16"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = plan_memory(
+        PlanInputs(
+            model=QWEN25_3B,
+            gpu="a100-80gb",
+            gradient_checkpointing=False,
+            quantization="none",
+            zero_stage=2,
+            num_gpus=2,
+            dtype="bf16",
+        )
+    )
+    assert data == json.loads(json.dumps(expected.to_dict()))
 
 
 def test_peak_report_puts_measurement_next_to_estimate():

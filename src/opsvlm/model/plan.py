@@ -35,10 +35,13 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from opsvlm.config import check_choices
+from opsvlm.types import Optimizer, PlanDtype, TrainingQuantization, ZeroStage
 
 GIB = 1024**3
 MIB = 1024**2
@@ -739,10 +742,25 @@ def _group_by_layer(modules: Iterable[LinearSpec], prefix: str) -> dict[int, lis
 # Inputs and result
 # ---------------------------------------------------------------------------------------------------------------------
 
-QUANTIZATIONS = ("nf4", "none")
-OPTIMIZERS = tuple(OPTIMIZER_STATE_BYTES)
-ZERO_STAGES = (0, 2, 3)
-DTYPES = ("auto", "bf16", "fp16")
+ZERO3_NF4_MESSAGE = (
+    "ZeRO-3 with a 4-bit (nf4) base is not supported by DeepSpeed: it cannot partition bitsandbytes 4-bit weights; use "
+    "ZeRO-2 with nf4 (the 4-bit base is replicated, adapters and optimizer state are sharded), or quantization=none "
+    "with ZeRO-3"
+)
+
+
+def check_zero3_quantization(quantization: str, zero_stage: int) -> None:
+    """The one place of the rule that DeepSpeed ZeRO-3 cannot train a 4-bit base (the planner and the training job's
+    ``opsvlm.model.build.check_zero_compat`` both call it).
+
+    ZeRO-3 partitions every parameter across ranks; DeepSpeed cannot partition bitsandbytes ``Params4bit`` (packed
+    uint8 data plus a separate quantization state), so a 4-bit base fails at engine init or produces garbage.
+
+    Raises:
+        PlanError: ``quantization`` is ``nf4`` and ``zero_stage`` is 3.
+    """
+    if quantization == "nf4" and zero_stage == 3:
+        raise PlanError(ZERO3_NF4_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -773,7 +791,7 @@ class PlanInputs:
 
     model: str
     gpu: str
-    quantization: str = "nf4"
+    quantization: TrainingQuantization = "nf4"
     lora_rank: int = 16
     lora_targets: str = "language"
     lora_dropout: float = 0.05
@@ -785,28 +803,17 @@ class PlanInputs:
     global_batch: int = 16
     num_gpus: int = 1
     gradient_checkpointing: bool = True
-    optimizer: str = "adamw"
-    zero_stage: int = 0
-    dtype: str = "auto"
+    optimizer: Optimizer = "adamw"
+    zero_stage: ZeroStage = 0
+    dtype: PlanDtype = "auto"
     safety_margin: float = 0.10
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise PlanError("model must be a hub id or a local directory")
         gpu = resolve_gpu(self.gpu)
-        if self.quantization not in QUANTIZATIONS:
-            raise PlanError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.zero_stage not in ZERO_STAGES:
-            raise PlanError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
-        if self.zero_stage == 3 and self.quantization == "nf4":
-            raise PlanError(
-                "ZeRO-3 with a 4-bit (nf4) base is not supported by DeepSpeed: it cannot partition bitsandbytes "
-                "4-bit weights; use zero_stage=2 with nf4, or quantization=none with zero_stage=3"
-            )
-        if self.dtype not in DTYPES:
-            raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_choices(self, error=PlanError)  # quantization, optimizer, zero_stage, dtype
+        check_zero3_quantization(self.quantization, self.zero_stage)
         if self.dtype == "bf16" and not gpu.bf16:
             raise PlanError(f"{gpu.name} has no bf16 support; train in fp16 there (dtype=fp16 or auto)")
         positive = {
@@ -846,51 +853,6 @@ class PlanInputs:
         if self.dtype != "auto":
             return self.dtype
         return "bf16" if self.gpu_spec.bf16 else "fp16"
-
-    @classmethod
-    def from_strings(cls, model: str, gpu: str, pairs: Mapping[str, str]) -> PlanInputs:
-        """Build inputs from ``key=value`` strings (CLI overrides), converting each value to the field's type.
-
-        Args:
-            model: Hub id or directory.
-            gpu: GPU type.
-            pairs: Field name -> text value, e.g. ``{"micro_batch": "2", "gradient_checkpointing": "false"}``.
-
-        Returns:
-            Validated inputs.
-
-        Raises:
-            PlanError: Unknown field or a value that does not convert.
-        """
-        kinds = {f.name: str(f.type) for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, text in pairs.items():
-            if key in ("model", "gpu") or key not in kinds:
-                allowed = ", ".join(k for k in kinds if k not in ("model", "gpu"))
-                raise PlanError(f"unknown plan setting {key!r}; settings: {allowed}")
-            values[key] = _convert(key, kinds[key], text)
-        return cls(model=model, gpu=gpu, **values)
-
-
-def _convert(key: str, kind: str, text: str) -> Any:
-    raw = str(text).strip()
-    try:
-        if kind == "bool":
-            lowered = raw.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind == "int | None":
-            return None if raw.lower() in ("", "none", "auto", "null") else int(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError as err:
-        raise PlanError(f"setting {key}={text!r}: expected {kind}") from err
-    return raw
 
 
 @dataclass(frozen=True)
@@ -1301,6 +1263,8 @@ __all__: Sequence[str] = (
     "GPUS",
     "KNOWN_MODELS",
     "LORA_TARGET_PRESETS",
+    "OPTIMIZER_STATE_BYTES",
+    "ZERO3_NF4_MESSAGE",
     "GpuSpec",
     "LinearSpec",
     "MemoryBreakdown",
@@ -1310,6 +1274,7 @@ __all__: Sequence[str] = (
     "PlanError",
     "PlanInputs",
     "VisionGrid",
+    "check_zero3_quantization",
     "count_parameters",
     "format_plan",
     "grad_accum_for",
