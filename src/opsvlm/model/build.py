@@ -32,15 +32,14 @@ from typing import Any
 
 import torch
 
+from opsvlm.config import check_choices
 from opsvlm.model import quant
-from opsvlm.model.plan import LORA_TARGET_PRESETS
+from opsvlm.model.plan import LORA_TARGET_PRESETS, check_zero3_quantization
 from opsvlm.model.tiny import resolve_model_source
+from opsvlm.types import COMPUTE_DTYPES, AttnImplementation, ComputeDtype, Fp32ModuleGroup, Quantization
 
 logger = logging.getLogger(__name__)
 
-COMPUTE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
-ATTN_IMPLEMENTATION_CHOICES: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
-FP32_MODULE_GROUPS: tuple[str, ...] = ("vision", "norms", "lm_head")
 # model.fp32_modules: null = this under float16 compute, nothing under bfloat16/float32. The vision tower: public
 # reports of Qwen2-VL / Qwen2.5-VL-3B's ViT overflowing fp16 (huggingface/transformers#33312, vllm-project/vllm#13968).
 # Norms: cheap, and their outputs feed every projection. lm_head stays out by default: transformers' causal-LM loss
@@ -104,36 +103,21 @@ class ModelConfig:
     """
 
     name: str = "tiny"
-    quantization: str = "nf4"
-    compute_dtype: str = "auto"
+    quantization: Quantization = "nf4"
+    compute_dtype: ComputeDtype = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
-    fp32_modules: tuple[str, ...] | None = None
+    attn_implementation: AttnImplementation = "sdpa"
+    fp32_modules: tuple[Fp32ModuleGroup, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"model.name must be a non-empty string, got {self.name!r}")
-        if self.quantization not in quant.QUANTIZATION_CHOICES:
-            raise ValueError(
-                f"model.quantization must be one of {list(quant.QUANTIZATION_CHOICES)}, got {self.quantization!r}"
-            )
-        if self.compute_dtype not in COMPUTE_DTYPE_CHOICES:
-            raise ValueError(
-                f"model.compute_dtype must be one of {list(COMPUTE_DTYPE_CHOICES)}, got {self.compute_dtype!r}"
-            )
+        check_choices(self, "model.")  # quantization, compute_dtype, attn_implementation, fp32_modules
         if not isinstance(self.lora, LoraSettings):
             raise ValueError(f"model.lora must be a LoraSettings, got {type(self.lora).__name__}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"model.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATION_CHOICES:
-            raise ValueError(
-                f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATION_CHOICES)}, "
-                f"got {self.attn_implementation!r}"
-            )
-        unknown = set(self.fp32_modules or ()) - set(FP32_MODULE_GROUPS)
-        if unknown:
-            raise ValueError(f"model.fp32_modules must hold only {list(FP32_MODULE_GROUPS)}, got {sorted(unknown)}")
 
 
 def target_modules_regex(targets: str) -> str:
@@ -186,8 +170,8 @@ def resolve_compute_dtype(name: str, device: str | torch.device | None = None) -
     Raises:
         ValueError: Unknown ``name``, or ``"bfloat16"`` on a CUDA GPU without native bf16.
     """
-    if name not in COMPUTE_DTYPE_CHOICES:
-        raise ValueError(f"model.compute_dtype must be one of {list(COMPUTE_DTYPE_CHOICES)}, got {name!r}")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {name!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -231,7 +215,7 @@ def keep_in_fp32(model: Any, groups: tuple[str, ...]) -> list[str]:
 
     Args:
         model: The (peft) model, after the adapter is attached (so ``modules_to_save`` copies are covered).
-        groups: Any of :data:`FP32_MODULE_GROUPS`.
+        groups: Any of :data:`opsvlm.types.FP32_MODULE_GROUPS`.
 
     Returns:
         The paths of the modules kept in fp32 (outermost only: a norm inside the vision tower is covered by it).
@@ -282,9 +266,8 @@ def check_trainable_quantization(quantization: str) -> None:
 def check_zero_compat(quantization: str, zero_stage: int) -> None:
     """Reject training setups that cannot work, before any worker starts.
 
-    ZeRO-3 partitions every parameter across ranks; DeepSpeed cannot partition bitsandbytes ``Params4bit`` (packed
-    uint8 data plus a separate quantization state), so a 4-bit base fails at engine init or produces garbage. int8
-    is refused for training altogether (:func:`check_trainable_quantization`).
+    nf4 with ZeRO-3 is refused by :func:`opsvlm.model.plan.check_zero3_quantization` (the rule's one place); int8 is
+    refused for training altogether (:func:`check_trainable_quantization`).
 
     Args:
         quantization: ``ModelConfig.quantization``.
@@ -296,12 +279,7 @@ def check_zero_compat(quantization: str, zero_stage: int) -> None:
     check_trainable_quantization(quantization)
     if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if quantization == "nf4" and zero_stage == 3:
-        raise ValueError(
-            "model.quantization=nf4 cannot be combined with DeepSpeed ZeRO-3 (it cannot partition bitsandbytes 4-bit "
-            "weights): use ZeRO-2 with nf4 (the 4-bit base is replicated, adapters/optimizer state are sharded), or "
-            "model.quantization=none with ZeRO-3"
-        )
+    check_zero3_quantization(quantization, zero_stage)
 
 
 def nan_advice(compute_dtype: str | torch.dtype) -> str:

@@ -30,10 +30,24 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-QUANTIZATION_CHOICES: tuple[str, ...] = ("nf4", "int8", "none")
-# What training accepts: int8 loads and even takes LoRA steps on CPU, but nothing in training is built for it (see the
-# module docstring), so it is refused up front instead of half-working.
-TRAINING_QUANTIZATIONS: tuple[str, ...] = ("nf4", "none")
+from opsvlm.types import QUANTIZATIONS, TRAINING_QUANTIZATIONS
+
+__all__ = [
+    "QUANTIZATION_CHOICES",
+    "SKIP_MODULES",
+    "TRAINING_QUANTIZATIONS",
+    "bnb_config",
+    "bnb_optimizer",
+    "check_quantized_layout",
+    "is_quantized",
+    "quant_state_tensors",
+    "quantized_module_names",
+    "unavailable_reason",
+]
+
+QUANTIZATION_CHOICES = QUANTIZATIONS  # the choices live in opsvlm.types; the old name stays for callers
+# What training accepts (TRAINING_QUANTIZATIONS): int8 loads and even takes LoRA steps on CPU, but nothing in training
+# is built for it (see the module docstring), so it is refused up front instead of half-working.
 
 # Modules kept in the compute dtype under nf4 and int8. transformers 5 matches each entry against every module path with
 # re.match anchored at the *start* of the path (or as a suffix of it), per module, not per subtree: "visual" alone

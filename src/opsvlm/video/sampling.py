@@ -17,11 +17,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 
-Strategy = Literal["uniform", "motion"]
+from opsvlm.config import check_choices
+from opsvlm.types import SamplingStrategy
+
+__all__ = [
+    "SamplingSpec",
+    "frame_motion",
+    "motion_indices",
+    "sample_clip",
+    "sample_indices",
+    "to_gray",
+    "uniform_indices",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class SamplingSpec:
         motion_stride: Spatial subsampling of the grayscale frames used for motion scores (speed, not quality).
     """
 
-    strategy: Strategy = "uniform"
+    strategy: SamplingStrategy = "uniform"
     frames_per_clip: int = 8
     max_pixels: int = 224 * 224
     min_pixels: int = 56 * 56
@@ -47,8 +57,7 @@ class SamplingSpec:
     motion_stride: int = 4
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("uniform", "motion"):
-            raise ValueError(f"SamplingSpec.strategy must be 'uniform' or 'motion', got {self.strategy!r}")
+        check_choices(self, "SamplingSpec.")
         if self.frames_per_clip < 2:
             raise ValueError(f"SamplingSpec.frames_per_clip must be >= 2, got {self.frames_per_clip}")
         if self.size_multiple < 1 or self.motion_stride < 1:
