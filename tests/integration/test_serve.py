@@ -9,6 +9,7 @@ flowing. The last test redeploys with ``separate_decoder: true``. Serve is shut 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from tests.unit.test_serving import (
     write_adapter_checkpoint,
     write_bad_videos,
 )
+from tests.unit.test_serving_hardening import DETECTION, MAX_IMAGE_PIXELS, battery_files, image_bytes, run_battery
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +66,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     os.mkfifo(root / "hang.mp4")
     big = base / "big.mp4"
     big.write_bytes(os.urandom(MAX_UPLOAD_BYTES + 100_000))
-    return {"root": root, "good": good, "long": long, "secret": secret, "big": big, **write_bad_videos(root, good)}
+    files = {"root": root, "good": good, "long": long, "secret": secret, "big": big, **write_bad_videos(root, good)}
+    return {**files, **battery_files(root, good)}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,7 @@ def app_args(models: dict, media: dict, cache_dir: Path, **overrides) -> dict:
             "max_duration_s": MAX_DURATION_S,
             "decode_deadline_s": DECODE_DEADLINE_S,
             "max_batch_clips": 8,
+            "max_image_pixels": MAX_IMAGE_PIXELS,
         },
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
         "separate_decoder": False,
@@ -291,6 +295,26 @@ def test_every_bad_input_gets_a_4xx_and_the_server_stays_up(http, models, media)
         assert_still_serving(http, media, models["v1"])
     assert timings["decode that hangs (FIFO)"] >= DECODE_DEADLINE_S - 0.5
     print("\nbad input latencies (s):", {k: round(v, 2) for k, v in timings.items()})
+
+
+def test_abuse_battery_on_both_endpoints(http, models, media):
+    """The acceptance battery (tests/unit/test_serving_hardening.py) against the real Serve app: every input gets
+    its documented 4xx and /health stays 200 after each; then concurrent /predict_objects calls all get the
+    model's answer for this (video) model, 409 naming /predict, and a good prediction still works."""
+    started = time.monotonic()
+    table = run_battery(http, media)
+    print(f"\nbattery ({len(table)} inputs, {time.monotonic() - started:.1f} s):")
+    print("\n".join(f"  {status}  {name}" for name, status in table.items()))
+
+    def objects(_):
+        files = {"file": ("site.png", image_bytes(120, 90), "image/png")}
+        return http.post("/predict_objects", files=files, data={"detections": json.dumps([DETECTION] * 3)})
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(objects, range(6)))
+    assert [r.status_code for r in responses] == [409] * 6, [r.text for r in responses]
+    assert all("/predict" in r.json()["detail"] for r in responses)
+    assert_still_serving(http, media, models["v1"])
 
 
 def test_paths_outside_the_root_are_refused(http, models, media):

@@ -557,6 +557,8 @@ def test_app_config_is_one_typed_config_with_each_default_once(tmp_path):
     assert config.limits == ServingLimits() and config.batching == BatchingSettings()
     overridden = load_app_config({"limits": {"max_json_bytes": 2048}}, ["batching.max_batch_size=4"])
     assert overridden.limits.max_json_bytes == 2048 and overridden.batching.max_batch_size == 4
+    cli = load_app_config({"model.ref": "models:/x@champion", "use_gpu": "false", "limits.max_detections": "8"})
+    assert (cli.model.ref, cli.use_gpu, cli.limits.max_detections) == ("models:/x@champion", False, 8)
     for args, field in [
         ({"limits": {"max_json_byte": 1}}, "max_json_byte"),
         ({"model": {"quantization": "fp4"}}, "quantization"),

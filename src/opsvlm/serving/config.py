@@ -86,6 +86,9 @@ def load_app_config(
 ) -> ServeAppConfig:
     """The app config from Serve ``args`` (a nested mapping, as in a Serve config file) and ``key=value`` overrides.
 
+    Flat ``dotted.key: "value"`` entries (what ``serve run <import path> key=value`` passes) are overrides too, their
+    values parsed as YAML.
+
     Raises:
         ConfigError: naming the field for an unknown key, a wrong type or an invalid value.
     """
@@ -93,4 +96,15 @@ def load_app_config(
         if not overrides:
             return args
         args = to_dict(args)
-    return from_dict(ServeAppConfig, apply_overrides(dict(args or {}), overrides))
+    data: dict[str, Any] = {}
+    given: list[str] = []
+    for key, value in (args or {}).items():
+        # `serve run serve_app.app:build_app model.ref=models:/x@champion use_gpu=false` passes flat strings.
+        if "." in key or (isinstance(value, str) and key not in _SECTIONS):
+            given.append(f"{key}={value}")
+        else:
+            data[key] = value
+    return from_dict(ServeAppConfig, apply_overrides(data, [*given, *overrides]))
+
+
+_SECTIONS = frozenset({"model", "limits", "batching", "auth"})
