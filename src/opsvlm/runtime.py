@@ -13,6 +13,7 @@ progress bars, Train controller messages) and MLflow's chatter go to files in th
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
     if ray.is_initialized():
         return
+    held = None if verbose else _hold_library_logs()  # ray.init itself logs (auth token, dashboard): keep it quiet
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=verbose)
@@ -48,8 +50,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             _node_ip_address="127.0.0.1",
             log_to_driver=verbose,
         )
-    if not verbose:
-        _quiet_console(_driver_log_dir(ray.get_runtime_context().get_session_name()))
+    if held is not None:
+        _quiet_console(_driver_log_dir(ray.get_runtime_context().get_session_name()), held)
 
 
 def _driver_log_dir(session_name: str) -> Path:
@@ -58,8 +60,22 @@ def _driver_log_dir(session_name: str) -> Path:
     return root / session_name / "logs"
 
 
-def _quiet_console(log_dir: Path) -> None:
-    """Send Ray's and MLflow's driver-side logs to ``<log_dir>/opsvlm-driver.log`` instead of the console, and turn
+def _hold_library_logs() -> logging.handlers.MemoryHandler:
+    """Take Ray's and MLflow's loggers off the console; keep what they log until the session's log file exists."""
+    held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    for name in _QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        for existing in list(logger.handlers):
+            if isinstance(existing, logging.StreamHandler) and not isinstance(existing, logging.FileHandler):
+                logger.removeHandler(existing)
+        logger.addHandler(held)
+        logger.propagate = False
+    logging.captureWarnings(True)  # library warnings (deprecations, fallbacks) go to the same place
+    return held
+
+
+def _quiet_console(log_dir: Path, held: logging.handlers.MemoryHandler) -> None:
+    """Send Ray's and MLflow's driver-side logs (and what ``held`` kept) to ``<log_dir>/opsvlm-driver.log``, and turn
     off Ray Data's progress bars and execution banners (the jobs print their own progress)."""
     import ray.data
 
@@ -70,11 +86,13 @@ def _quiet_console(log_dir: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_dir / DRIVER_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    held.setTarget(handler)
+    held.flush()
     for name in _QUIET_LOGGERS:
         logger = logging.getLogger(name)
+        logger.removeHandler(held)
+        # ray.data installs its own console handler when first imported: remove it as well
         for existing in list(logger.handlers):
             if isinstance(existing, logging.StreamHandler) and not isinstance(existing, logging.FileHandler):
                 logger.removeHandler(existing)
         logger.addHandler(handler)
-        logger.propagate = False
-    logging.captureWarnings(True)  # library warnings (deprecations, fallbacks) go to the same file
