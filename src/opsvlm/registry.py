@@ -296,6 +296,8 @@ def register_version(
     client = _client(uri)
     source = f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}"
     _get_run(source, run_id, uri)
+    if not ckpt.upload_complete(client, run_id):  # the marker is uploaded after the checkpoint's files
+        raise ModelRefError(f"{source!r}: the run's final upload did not complete (no {ckpt.COMPLETE_MARKER})")
     present = {Path(item.path).name for item in client.list_artifacts(run_id, CHECKPOINT_ARTIFACT)}
     missing = {ckpt.MODEL_FILE, ckpt.ADAPTER_DIR, ckpt.PROCESSOR_DIR} - present
     if missing:
@@ -487,7 +489,7 @@ def _promotion_lock(uri: str, name: str):
     import fcntl
     import hashlib
 
-    from opsvlm.model.tiny import default_cache_dir
+    from opsvlm.testing.tiny import default_cache_dir
 
     directory = default_cache_dir() / "locks"
     directory.mkdir(parents=True, exist_ok=True)

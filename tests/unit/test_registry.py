@@ -62,6 +62,7 @@ def train_run(store: dict, tmp_path: Path, *, with_checkpoint: bool = True) -> s
     run_id = client.create_run(store["experiment_id"]).info.run_id
     if with_checkpoint:
         client.log_artifacts(run_id, str(write_checkpoint(tmp_path / f"ckpt-{run_id}")), "checkpoint")
+        client.log_dict(run_id, ckpt.completion_marker(7, list(ckpt.REGISTERED_FILES)), ckpt.COMPLETE_MARKER)
     client.set_terminated(run_id)
     return run_id
 

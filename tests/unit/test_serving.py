@@ -7,7 +7,6 @@ The hardening of the API (JSON caps, load shedding, health, cache, auth) is in `
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import json
 import os
@@ -19,7 +18,6 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from opsvlm import registry
 from opsvlm.serving import LocalBackend, Media, ModelWatcher, ServingError, ServingLimits, Window, create_app
 from opsvlm.serving import media as serving_media
 from opsvlm.serving import requests as serving_requests
@@ -28,6 +26,8 @@ from opsvlm.serving.endpoint import ServingContext
 from opsvlm.serving.requests import ClipJob
 from opsvlm.serving.work import Deadline, WorkPool
 from opsvlm.tasks.operations import LABEL_NAMES
+from opsvlm.testing import checkpoints as testing_checkpoints
+from opsvlm.testing.checkpoints import register_checkpoint
 from opsvlm.video.encode import write_video
 from opsvlm.video.sampling import SamplingSpec
 
@@ -44,53 +44,8 @@ LONG_SECONDS = 12.0
 def write_adapter_checkpoint(
     directory: Path, tiny_dir: Path, spec: SamplingSpec, seed: int = 0, task: str = "operations"
 ) -> Path:
-    """A real opsvlm checkpoint of ``task``: the tiny base with a freshly attached (untrained) LoRA adapter, saved by
-    the same ``save_model_files`` training uses. Untrained LoRA leaves the base's outputs unchanged, which is all
-    serving tests need: constrained decoding still gives valid answers."""
-    import torch
-
-    from opsvlm.model.build import LoraSettings, ModelConfig, load_base_model, load_processor, prepare_for_training
-    from opsvlm.tasks.base import get_task
-    from opsvlm.train.checkpoint import save_model_files
-
-    config = ModelConfig(
-        name=str(tiny_dir),
-        quantization="none",
-        compute_dtype="float32",
-        lora=LoraSettings(rank=2, alpha=4, dropout=0.0),
-    )
-    torch.manual_seed(seed)
-    model, _ = prepare_for_training(load_base_model(config), config)
-    return save_model_files(
-        directory,
-        model,
-        load_processor(str(tiny_dir)),
-        base_model=str(tiny_dir),
-        quantization="none",
-        compute_dtype="float32",
-        spec=spec,
-        labels=list(get_task(task).labels),
-        task=task,
-        step=0,
-        config={"test": "serving"},
-    )
-
-
-# The registry records whether an evaluation may select a model (validation) or only report (test).
-_ROLE = {"split_role": "selection"} if "split_role" in inspect.signature(registry.register_version).parameters else {}
-
-
-def register_checkpoint(client, experiment_id: str, uri: str, name: str, checkpoint: Path, champion: bool) -> str:
-    """Log ``checkpoint`` as a training run's ``checkpoint`` artifacts, register it, optionally make it champion."""
-    run_id = client.create_run(experiment_id).info.run_id
-    client.log_artifacts(run_id, str(checkpoint), registry.CHECKPOINT_ARTIFACT)
-    client.set_terminated(run_id)
-    version = registry.register_version(
-        run_id, name=name, metrics={"weighted_score": 0.5}, eval_split="val:serving", tracking_uri=uri, **_ROLE
-    )
-    if champion:
-        client.set_registered_model_alias(name, registry.CHAMPION, version.version)
-    return str(version.version)
+    """:func:`opsvlm.testing.checkpoints.write_adapter_checkpoint`, of the operations task unless told otherwise."""
+    return testing_checkpoints.write_adapter_checkpoint(directory, tiny_dir, spec, task=task, seed=seed)
 
 
 def ramp_frame(index: int, size: int = 64) -> np.ndarray:
@@ -145,7 +100,7 @@ def limits(videos) -> ServingLimits:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from opsvlm.model.tiny import ensure_tiny_model
+    from opsvlm.testing.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_cache"))
 

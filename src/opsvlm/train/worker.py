@@ -92,7 +92,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.epoch, state.cursor = state.epoch + 1, 0
             if state.step < plan.total_steps:
                 run.save_and_report({"step": state.step, "epoch": state.epoch, "val_loss": val_loss}, metrics)
-    final = {"step": state.step, "epoch": state.epoch, "skipped_steps": state.skipped_steps, **_peak_rss_by_rank()}
+    final = {"step": state.step, "planned_steps": plan.total_steps, "epoch": state.epoch}
+    final.update(skipped_steps=state.skipped_steps, **_peak_rss_by_rank())
     if run.runner.loss_scale is not None:
         final["loss_scale"] = run.runner.loss_scale
     if torch.cuda.is_available():
