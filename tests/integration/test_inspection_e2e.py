@@ -22,11 +22,11 @@ from opsvlm.data.inspection_prep import InspectionPrepConfig, prepare_inspection
 from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
 from opsvlm.data.yolo import CONDITION_CLASSES, class_condition, read_dataset
 from opsvlm.evaluate.run import EvalConfig, evaluate
+from opsvlm.testing.processes import free_port
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.train.loop import fit
 from opsvlm.video.encode import write_video
 from opsvlm.video.sampling import SamplingSpec
-from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ def test_registry_promotes_on_the_tasks_headline_metric(trained, mlflow_server):
 
 
 @pytest.fixture(scope="module")
-def http(ray_local, trained, mlflow_server, tmp_path_factory):
+def http(ray_local, trained, mlflow_server, scenes, tmp_path_factory):
     from ray import serve
 
     from serve_app.app import build_app
@@ -181,7 +181,8 @@ def http(ray_local, trained, mlflow_server, tmp_path_factory):
             "tracking_uri": mlflow_server,
             "cache_dir": str(cache),
             "poll_interval_s": 0,
-        }
+        },
+        "limits": {"allowed_root": str(scenes)},  # path mode for images
     }
     try:
         serve.run(build_app(args), name="inspection", route_prefix="/")
@@ -223,6 +224,35 @@ def test_serve_classifies_every_detected_object(http, trained, scenes):
         assert answer["condition"] in CONDITION_CLASSES
         assert answer["object_type"] == sent["label"]  # the class is constrained to the detected type
         assert sum(answer["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_serve_objects_by_path_and_concurrently(http, trained, scenes):
+    """Path mode works for images, and concurrent requests all go through the Predictor's batcher (one forward pass
+    at a time: no concurrent use of the tokenizer)."""
+    import concurrent.futures
+    from pathlib import Path
+
+    splits, _ = read_dataset(scenes)
+    image = next(i for i in splits["test"] if len(i.detections) >= 2)
+    data, detections = _image_and_detections(scenes)
+    relative = str(Path(image.image_path).relative_to(scenes))
+    response = http.post("/predict_objects", json={"path": relative, "detections": detections})
+    assert response.status_code == 200, response.text
+    assert [o["index"] for o in response.json()["objects"]] == list(range(len(detections)))
+
+    before = http.get("/status").json()["batching"]
+
+    def one(_):
+        files = {"file": ("site.jpg", data, "image/jpeg")}
+        return http.post("/predict_objects", files=files, data={"detections": json.dumps(detections)})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, range(4)))
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    after = http.get("/status").json()["batching"]
+    assert after["items"] - before["items"] == 4
+    assert after["inputs"] - before["inputs"] == 4 * len(detections)
+    assert http.get("/health").status_code == 200
 
 
 def test_serve_refuses_bad_object_requests_and_stays_up(http, scenes, tmp_path):

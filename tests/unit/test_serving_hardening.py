@@ -379,6 +379,37 @@ def test_the_model_queue_sheds_when_full_and_drops_expired_work():
     assert counters["shed"] == 1 and counters["expired"] == 1 and counters["batches"] == 4
 
 
+def test_a_detector_stage_plugs_into_predict_objects(checkpoints, media):
+    from opsvlm.data.yolo import StageOneDetection
+    from opsvlm.serving import clips, objects
+
+    found: list = [StageOneDetection("slope_drain", "slope drain", (0.1, 0.1, 0.5, 0.5), 0.8, 0)]
+    seen = []
+
+    async def detect(image):
+        seen.append(image.shape)
+        if found is None:
+            raise ServingError(503, "detector_unavailable", "no detector loaded", 2.0)
+        return found
+
+    limits = make_limits(media["root"])
+    backend = LocalBackend(fake_watcher(checkpoints["a"], FakePredictor()), limits)
+    app = create_app(backend, limits, endpoints=(clips.ENDPOINT, objects.make_endpoint(detect)))
+    files = {"file": ("site.png", media["image"].read_bytes(), "image/png")}
+    with TestClient(app) as http:
+        # the detector's objects reach the model (a video model here: it refuses them, naming the endpoint)
+        response = http.post("/predict_objects", files=files)
+        assert response.status_code == 409 and seen == [(90, 120, 3)], response.text
+        found.clear()
+        empty = http.post("/predict_objects", files=files).json()
+        assert empty["objects"] == [] and empty["model_version"] is None
+        found = None
+        response = http.post("/predict_objects", files=files)
+        assert response.status_code == 503 and response.json()["error"] == "detector_unavailable"
+        sent = http.post("/predict_objects", files=files, data={"detections": json.dumps([DETECTION])})
+        assert sent.status_code == 409 and len(seen) == 3  # detections in the request: no detector call
+
+
 # --- the model: concurrency, health, retries, cache ------------------------------------------------------------------
 
 

@@ -11,14 +11,18 @@ Answers ``{"objects": [{"index", "label", "box", "score", "condition", "object_t
 
 The image is decoded once and resized to the model's size once per request (not once per object); each object's
 input is that resized image with the object outlined, plus a close-up cut from the full-resolution image.
-Detections come from the request (:func:`request_detections`); a server-side detector stage would take their place
-there.
+Detections come from the request; a server-side detector stage plugs in as the ``detect`` hook of
+:func:`make_endpoint` (``create_app(endpoints=(clips.ENDPOINT, objects.make_endpoint(detect)))``): it is awaited
+for a request that sends no detections, with the decoded image, and returns stage-1 detections (validated objects
+with ``index``, ``label``, ``object_type``, normalised ``box`` and ``score``; an empty list is an answer with no
+objects). It raises :class:`~opsvlm.serving.errors.ServingError` for its own failures (e.g. 503 when the detector
+is unavailable).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,9 +37,10 @@ from opsvlm.serving.requests import ObjectsRequest, parse_object_detections, par
 from opsvlm.serving.schemas import DOC_ERRORS, ObjectsResponse, PathObjects, request_body_doc
 from opsvlm.video.sampling import SamplingSpec
 
-__all__ = ["ENDPOINT", "MEDIA", "render_object_inputs", "request_detections", "router"]
+__all__ = ["ENDPOINT", "MEDIA", "Detect", "make_endpoint", "render_object_inputs", "request_detections"]
 
 MEDIA = "image"
+Detect = Callable[[np.ndarray], Awaitable[list[Any]]]
 
 
 def render_object_inputs(image: np.ndarray, detections: Sequence[Any], spec: SamplingSpec) -> tuple[Any, ...]:
@@ -68,13 +73,26 @@ def render_object_inputs(image: np.ndarray, detections: Sequence[Any], spec: Sam
     )
 
 
-def request_detections(request: ObjectsRequest, image: np.ndarray, context: ServingContext) -> list[Any]:
-    """The detections to classify: the request's, validated against the decoded image."""
+async def request_detections(
+    request: ObjectsRequest, image: np.ndarray, context: ServingContext, detect: Detect | None = None
+) -> list[Any]:
+    """The detections to classify: the request's, validated against the decoded image; without any, the
+    detector's (when there is one)."""
+    if request.detections is None and detect is not None:
+        found = list(await detect(image))
+        if len(found) > context.limits.max_detections:  # classify the detector's most confident objects
+            found = sorted(found, key=lambda d: -(d.score or 0.0))[: context.limits.max_detections]
+        return found
     height, width = image.shape[:2]
     return parse_object_detections(request.detections, width, height, request.name, context.limits.max_detections)
 
 
-def router(context: ServingContext) -> APIRouter:
+def make_endpoint(detect: Detect | None = None) -> Endpoint:
+    """The ``/predict_objects`` endpoint; ``detect`` (optional) finds the objects of requests that send none."""
+    return Endpoint(name="objects", media=MEDIA, path="/predict_objects", router=lambda c: _router(c, detect))
+
+
+def _router(context: ServingContext, detect: Detect | None) -> APIRouter:
     """The object routes over ``context``."""
     routes = APIRouter()
     limits, pool, backend = context.limits, context.pool, context.backend
@@ -103,7 +121,15 @@ def router(context: ServingContext) -> APIRouter:
             deadline = context.deadline()
             parsed = await deadline.run(parse_objects_request(request, limits, pool), reading=True)
             image = await deadline.run(pool.run(decode_image, parsed.data, parsed.name, limits))
-            detections = request_detections(parsed, image, context)
+            detections = await deadline.run(request_detections(parsed, image, context, detect))
+            if not detections:  # a detector that found nothing: an answer without objects
+                body = {
+                    "objects": [],
+                    "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+                    "model_version": None,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                }
+                return JSONResponse(body)
             spec = await backend.sampling_spec()
             for _ in range(2):
                 inputs = await deadline.run(pool.run(render_object_inputs, image, detections, spec))
@@ -139,4 +165,4 @@ def router(context: ServingContext) -> APIRouter:
     return routes
 
 
-ENDPOINT = Endpoint(name="objects", media=MEDIA, path="/predict_objects", router=router)
+ENDPOINT = make_endpoint()

@@ -113,7 +113,7 @@ class ImageSize(BaseModel):
 class ObjectsResponse(BaseModel):
     objects: list[ObjectPrediction]
     image: ImageSize
-    model_version: str
+    model_version: str | None = Field(description="None when a detector found no object (the model was not asked)")
     latency_ms: float
 
 
