@@ -140,16 +140,16 @@ def setup(workdir: Path, scratch: Path, frames: int, pixels: int, videos: int) -
     """Tiny model, a real adapter checkpoint registered as champion in a SQLite MLflow store, test videos."""
     from mlflow import MlflowClient
 
-    from opsvlm.model.tiny import ensure_tiny_model
+    from opsvlm.testing.checkpoints import register_checkpoint, write_adapter_checkpoint
+    from opsvlm.testing.tiny import ensure_tiny_model
     from opsvlm.video.sampling import SamplingSpec
-    from tests.unit.test_serving import register_checkpoint, write_adapter_checkpoint
 
     spec = SamplingSpec(frames_per_clip=frames, max_pixels=pixels * pixels)
     tiny = ensure_tiny_model(workdir / "tiny")
     checkpoint = workdir / f"checkpoint-{frames}f-{pixels}px"
     if not (checkpoint / "model.json").exists():
         shutil.rmtree(checkpoint, ignore_errors=True)
-        write_adapter_checkpoint(checkpoint, tiny, spec, seed=0)
+        write_adapter_checkpoint(checkpoint, tiny, spec, task="operations", seed=0)
     uri = f"sqlite:///{scratch / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
     experiment_id = client.create_experiment("bench-serve", artifact_location=(scratch / "artifacts").as_uri())
@@ -425,7 +425,7 @@ def baseline_server(port: int, args: dict[str, Any]) -> None:
 
 
 def free_port() -> int:
-    from tests.integration.conftest import free_port as port
+    from opsvlm.testing.processes import free_port as port
 
     return port()
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from opsvlm.data.clips import ClipConfig
 from opsvlm.data.pipeline import PrepareConfig, prepare
+from opsvlm.testing.processes import free_port, healthy, stop_process
 from opsvlm.video.sampling import SamplingSpec
 from tests.conftest import make_session
 
@@ -33,34 +29,6 @@ SESSIONS: dict[str, list[tuple[int, float]]] = {
 }
 FRAME_SIZE = 56
 FRAMES_PER_CLIP = 4
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (the mlflow CLI forwards it to its uvicorn child), then SIGKILL what is left of the group we started."""
-    if process.poll() is None:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
-    # The server runs in its own session: its process group id is the PID we started and holds only its children.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=15)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +58,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
+        while not healthy(url):
             if process.poll() is not None:
                 pytest.fail(f"mlflow server exited with {process.returncode}:\n{(root / 'server.log').read_text()}")
             if time.monotonic() > deadline:
@@ -101,7 +69,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.5)
         yield url
     finally:
-        _stop(process)
+        stop_process(process)
         log.close()
 
 
@@ -130,6 +98,6 @@ def prepared_clips(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL checkpoint, built into this session's temporary cache (not ``~/.cache``)."""
-    from opsvlm.model.tiny import ensure_tiny_model
+    from opsvlm.testing.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_cache"))

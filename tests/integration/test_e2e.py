@@ -46,7 +46,8 @@ import pytest
 import yaml
 
 from opsvlm.tasks.operations import LABEL_NAMES
-from tests.integration.conftest import SERVER_START_TIMEOUT_S, _healthy, _stop, free_port
+from opsvlm.testing.processes import free_port, healthy, stop_process
+from tests.integration.conftest import SERVER_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, serve, mlflow and the python the job must use
@@ -276,13 +277,13 @@ def mlflow_url(tmp_path: Path) -> Iterator[str]:
         )
         try:
             deadline = time.monotonic() + SERVER_START_TIMEOUT_S * 2  # the box is shared with a Ray job or two
-            while not _healthy(url):
+            while not healthy(url):
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"mlflow server not healthy (exit code {process.poll()}):\n{log_path.read_text()}")
                 time.sleep(0.5)
             yield url
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 # --- the job ---------------------------------------------------------------------------------------------------------

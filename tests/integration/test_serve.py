@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from opsvlm.tasks.operations import LABEL_NAMES
+from opsvlm.testing.processes import free_port
 from opsvlm.video.encode import write_video
-from tests.integration.conftest import free_port
 from tests.unit.test_serving import (
     FPS,
     GOOD_SECONDS,

@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from opsvlm.serving import LocalBackend, ModelWatcher, ServingLimits, create_app
-from tests.integration.conftest import _healthy, _stop, free_port
+from opsvlm.testing.processes import free_port
+from opsvlm.testing.processes import healthy as _healthy
+from opsvlm.testing.processes import stop_process as _stop
 from tests.unit.test_serving import FPS, SPEC, ramp_frame, register_checkpoint, write_adapter_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from opsvlm.inference import AnswerConstraint, ClipInput, Predictor, time_choices
 from opsvlm.model.build import ModelConfig, load_base_model, load_processor
-from opsvlm.model.tiny import ensure_tiny_model
 from opsvlm.tasks.operations import LABEL_NAMES, OperationsTask, parse_answer, target_text
+from opsvlm.testing.tiny import ensure_tiny_model
 from opsvlm.video.sampling import SamplingSpec
 
 

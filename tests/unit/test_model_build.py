@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from opsvlm.config import ConfigError, from_dict
-from opsvlm.model import build, quant, tiny
+from opsvlm.model import build, quant
 from opsvlm.model.build import LoraSettings, ModelConfig
+from opsvlm.testing import tiny
 
 
 @pytest.fixture(scope="session")

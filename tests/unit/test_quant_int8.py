@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from opsvlm.model import build, quant, tiny
+from opsvlm.model import build, quant
 from opsvlm.model.build import LoraSettings, ModelConfig
+from opsvlm.testing import tiny
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,8 @@ from transformers import (
     Qwen2_5_VLProcessor,
 )
 
-from opsvlm.model import tiny
-
-OPERATION_NAMES = (
-    "Picking",
-    "Relocate Item Label",
-    "Assemble Box",
-    "Insert Items",
-    "Close Box",
-    "Attach Box Label",
-    "Scan Label",
-    "Attach Shipping Label",
-    "Put on Back Table",
-    "Fill out Order",
-    "Null",
-)
+from opsvlm.tasks.operations import LABEL_NAMES
+from opsvlm.testing import tiny
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +119,7 @@ def test_tokenizer_has_qwen_tokens_and_template(tiny_dir: Path, processor) -> No
     record = {"operation": "Attach Shipping Label", "start_s": 12.5, "end_s": 18.0, "next_operation": "Null"}
     answer = json.dumps(record)
     assert tok.decode(tok(answer)["input_ids"]) == answer
-    for name in OPERATION_NAMES:
+    for name in LABEL_NAMES:
         # Learned merges: each operation word is (about) one token, not a string of bytes.
         assert len(tok(" " + name)["input_ids"]) <= 2 * len(name.split())
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from opsvlm.model import build, tiny
+from opsvlm.model import build
 from opsvlm.tasks.operations import ClipInput, OperationsTask, parse_answer, sampled_fps, target_text
+from opsvlm.testing import tiny
 from opsvlm.train.examples import (
     END_OF_TURN,
     IGNORE_INDEX,

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from opsvlm.model import build, tiny
+from opsvlm.model import build
 from opsvlm.model.build import LoraSettings, ModelConfig
 from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
+from opsvlm.testing import tiny
 from opsvlm.train import checkpoint as ckpt
 from opsvlm.train.config import OptimSettings
 from opsvlm.train.examples import collate, encode_training_example

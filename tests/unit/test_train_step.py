@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from opsvlm.model import build, tiny
+from opsvlm.model import build
 from opsvlm.model.build import LoraSettings, ModelConfig
 from opsvlm.model.plan import LORA_TARGET_PRESETS
 from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
+from opsvlm.testing import tiny
 from opsvlm.train.config import OptimSettings, ScalingSettings, TrainConfig
+from opsvlm.train.engine import DeepSpeedEngine, deepspeed_config
 from opsvlm.train.examples import collate, encode_training_example
-from opsvlm.train.engine import deepspeed_config
 
 CLIPS = [
     ("Picking", 0.0, 2.5, "Relocate Item Label"),
@@ -160,14 +161,14 @@ def test_deepspeed_zero2_steps_and_resumes(tiny_dir: str, batch, single_process_
 
     # ... and the state the training loop checkpoints (adapter + DeepSpeed's partitioned optimizer) resumes exactly.
     # Saved under a tag other than "latest": DeepSpeed writes the tag as a directory next to its "latest" pointer file.
-    engine.save_checkpoint(str(tmp_path / "ds"), tag="zero")
+    DeepSpeedEngine(engine, fp16=False).save(tmp_path)  # what the worker writes: <checkpoint>/ds/zero/...
     adapter = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     expected_loss = _step(engine, batch)
     expected_state = _lora_state(model)
 
     resumed_model, resumed, _ = _engine(tiny_dir, config)
     set_peft_model_state_dict(resumed_model, adapter)
-    resumed.load_checkpoint(str(tmp_path / "ds"), load_module_strict=False)  # the tag comes from the pointer file
+    DeepSpeedEngine(resumed, fp16=False).load(tmp_path)  # weights_only=True; the tag comes from the pointer file
     assert resumed.global_steps == 2
     assert _step(resumed, batch) == pytest.approx(expected_loss, rel=1e-5)
     for name, value in _lora_state(resumed_model).items():

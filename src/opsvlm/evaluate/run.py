@@ -173,7 +173,7 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
 
     from opsvlm import registry
     from opsvlm.evaluate.batch import predict_dataset
-    from opsvlm.model.tiny import TINY_MODEL_ALIAS
+    from opsvlm.testing.tiny import TINY_MODEL_ALIAS
     from opsvlm.tracking import ensure_experiment, resolve_tracking_uri
     from opsvlm.train.checkpoint import read_model_meta
     from opsvlm.train.loop import label_rows, load_split, read_manifest

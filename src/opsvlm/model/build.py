@@ -1,7 +1,7 @@
 """Load Qwen2-VL / Qwen2.5-VL for LoRA or QLoRA fine-tuning, for inference with an adapter, and merge adapters.
 
 One path for every model: ``from_pretrained`` on a hub id or a directory (``"tiny"`` resolves to the cached tiny
-checkpoint from :mod:`opsvlm.model.tiny`), so CPU tests exercise exactly the code a T4 or A100 run uses.
+checkpoint from :mod:`opsvlm.testing.tiny`), so CPU tests exercise exactly the code a T4 or A100 run uses.
 
 Typical training setup::
 
@@ -35,7 +35,7 @@ import torch
 from opsvlm.config import check_choices
 from opsvlm.model import quant
 from opsvlm.model.plan import LORA_TARGET_PRESETS, check_zero3_quantization
-from opsvlm.model.tiny import resolve_model_source
+from opsvlm.testing.tiny import resolve_model_source
 from opsvlm.types import COMPUTE_DTYPES, AttnImplementation, ComputeDtype, Fp32ModuleGroup, Quantization
 
 logger = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def load_base_model(config: ModelConfig, device_map: Any = None) -> Any:
     Qwen2-VL checkpoints to ``Qwen2VLForConditionalGeneration``.
 
     Args:
-        config: Model settings; ``config.name`` is resolved with :func:`opsvlm.model.tiny.resolve_model_source`.
+        config: Model settings; ``config.name`` is resolved with :func:`opsvlm.testing.tiny.resolve_model_source`.
         device_map: Passed to ``from_pretrained``. For nf4 under DDP give ``{"": local_rank}``; ``None`` puts nf4
             on the current GPU (CPU without one) and an unquantized model on CPU.
 

@@ -133,7 +133,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from opsvlm.model.tiny import resolve_model_source
+    from opsvlm.testing.tiny import resolve_model_source
     from opsvlm.tracking import call_with_retry, config_params, ensure_experiment, resolve_tracking_uri
 
     manifest = read_manifest(config.data.prepared)

@@ -28,7 +28,7 @@ A bare ``fps=`` kwarg is ignored when the processor does not sample frames itsel
 timestamps silently assume 24 fps.
 
 Nothing here runs at import time; transformers, tokenizers and torch are imported inside the functions so that
-importing :mod:`opsvlm.model.tiny` stays cheap.
+importing :mod:`opsvlm.testing.tiny` stays cheap.
 """
 
 from __future__ import annotations
@@ -43,6 +43,30 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The operations task's label names (OpenPack's spelling), so the tokenizer learns merges for them.
+from opsvlm.tasks.operations import LABEL_NAMES
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "MARKER_FILE",
+    "QWEN_NONSPECIAL_ADDED_TOKENS",
+    "QWEN_SPECIAL_TOKENS",
+    "TINY_MODEL_ALIAS",
+    "TINY_MODEL_VERSION",
+    "TinyQwen25VLSpec",
+    "build_config",
+    "build_processor",
+    "build_tiny_qwen25vl",
+    "build_tokenizer",
+    "count_parameters",
+    "default_cache_dir",
+    "ensure_tiny_model",
+    "is_complete",
+    "resolve_model_source",
+    "tiny_model_dirname",
+    "tokenizer_corpus",
+]
 
 # Bump whenever the builder's output changes (corpus, spec defaults, file layout) so cached copies are rebuilt.
 TINY_MODEL_VERSION = 1
@@ -98,21 +122,6 @@ QWEN25VL_CHAT_TEMPLATE = (
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# OpenPack operation names, spelled as in the annotations, so the tokenizer learns merges for them.
-_OPERATION_NAMES: tuple[str, ...] = (
-    "Picking",
-    "Relocate Item Label",
-    "Assemble Box",
-    "Insert Items",
-    "Close Box",
-    "Attach Box Label",
-    "Scan Label",
-    "Attach Shipping Label",
-    "Put on Back Table",
-    "Fill out Order",
-    "Null",
 )
 
 _ENGLISH_CORPUS = """\
@@ -184,7 +193,7 @@ def _synthetic_json_lines(rng: random.Random, n: int) -> list[str]:
     """Generate answer-shaped JSON lines so the tokenizer learns the keys, quotes and number formats."""
     lines = []
     for _ in range(n):
-        op, nxt = rng.choice(_OPERATION_NAMES), rng.choice(_OPERATION_NAMES)
+        op, nxt = rng.choice(LABEL_NAMES), rng.choice(LABEL_NAMES)
         start = round(rng.uniform(0, 30), rng.choice((0, 1, 2)))
         end = round(start + rng.uniform(0.5, 30), rng.choice((0, 1, 2)))
         record = {"operation": op, "start_s": start, "end_s": end, "next_operation": nxt}
@@ -204,7 +213,7 @@ def tokenizer_corpus() -> list[str]:
     corpus = corpus * 3
     # Chat turns start with the bare role name right after <|im_start|>, so teach those words without a space.
     corpus += [f"{role}\nHello world. {line}" for role in ("system", "user", "assistant") for line in corpus[:10]]
-    corpus += [f"The operation is {name}. Next operation: {name}." for name in _OPERATION_NAMES]
+    corpus += [f"The operation is {name}. Next operation: {name}." for name in LABEL_NAMES]
     corpus += _synthetic_english(rng, 3000)
     corpus += _synthetic_json_lines(rng, 400)
     return corpus
@@ -517,7 +526,7 @@ def build_tiny_qwen25vl(
     build_processor(tokenizer, spec).save_pretrained(out)
 
     marker = {
-        "builder": "opsvlm.model.tiny.build_tiny_qwen25vl",
+        "builder": "opsvlm.testing.tiny.build_tiny_qwen25vl",
         "version": TINY_MODEL_VERSION,
         "seed": seed,
         "spec": asdict(spec),
