@@ -323,6 +323,28 @@ def test_a_request_past_its_deadline_gets_503_with_retry_after(checkpoints, medi
         assert http.get("/health").status_code == 200
 
 
+def test_an_unreachable_model_is_a_503_with_retry_after(checkpoints, media):
+    from opsvlm.serving.errors import unavailable
+
+    class Gone(LocalBackend):
+        """A backend whose model replica cannot be reached (what ServeBackend answers when a handle call fails)."""
+
+        async def predict(self, items, deadline):
+            return [unavailable("the model replica is unavailable: ActorDiedError()", 3.0) for _ in items]
+
+        async def health(self):
+            raise ConnectionError("replica gone")
+
+    limits = make_limits(media["root"])
+    with TestClient(create_app(Gone(fake_watcher(checkpoints["a"], FakePredictor()), limits), limits)) as http:
+        response = http.post("/predict", json={"path": "good.mp4", "start_s": 0, "end_s": 2})
+        assert response.status_code == 503 and response.json()["error"] == "model_unavailable", response.text
+        assert response.headers["retry-after"] == "3"
+        health = http.get("/health")
+        assert health.status_code == 503 and "replica gone" in health.json()["detail"]
+        assert "retry-after" in health.headers
+
+
 def test_a_full_work_pool_sheds_with_503(checkpoints, media):
     limits = make_limits(media["root"], work_threads=1, max_pending_work=1)
 
