@@ -169,6 +169,28 @@ class DeepSpeedEngine(Engine):
         )
 
     def load(self, directory: str | Path) -> None:
-        self.model.load_checkpoint(
-            str(Path(directory) / self.CHECKPOINT_DIR), load_module_strict=False, load_lr_scheduler_states=False
-        )
+        """DeepSpeed's checkpoint, read with ``weights_only=True`` (DeepSpeed's own loader unpickles anything)."""
+        checkpoint_engine = self.model.checkpoint_engine
+        unsafe_load = checkpoint_engine.load
+
+        def load(path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_state_classes()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+        checkpoint_engine.load = load
+        try:
+            self.model.load_checkpoint(
+                str(Path(directory) / self.CHECKPOINT_DIR), load_module_strict=False, load_lr_scheduler_states=False
+            )
+        finally:
+            checkpoint_engine.load = unsafe_load
+
+
+def _deepspeed_state_classes() -> list:
+    """The plain-data DeepSpeed classes its checkpoints hold (loss scalers, ZeRO fragment addresses): allowlisted for
+    ``weights_only`` loading; nothing else unpickles."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
