@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from opsvlm.data.clips import ClipConfig
 from opsvlm.data.openpack import SessionSource, discover_sessions
 from opsvlm.data.pipeline import PrepareConfig, SessionPlan, plan_sessions, prepare
 from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
+from opsvlm.testing.cluster import start_ray
 from opsvlm.video.decode import ClipFrames, ClipWindow, iter_session_clips
 from opsvlm.video.sampling import SamplingSpec, uniform_indices
 
@@ -233,23 +233,6 @@ def read_back(out: Path, clip_ids: list[str]) -> dict[str, np.ndarray]:
         row["clip_id"]: np.frombuffer(row["frames"], dtype=np.uint8).reshape(tuple(row["frame_shape"]))
         for row in table.to_pylist()
     }
-
-
-def start_ray(cpus: int) -> float:
-    import ray
-
-    from opsvlm.runtime import init_ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        sys.exit("bench_data: unset RAY_ADDRESS: the benchmark needs its own local Ray instance with --cpus CPUs")
-    started = time.perf_counter()
-    init_ray(num_cpus=cpus)
-    have = ray.cluster_resources().get("CPU", 0)
-    if have != cpus:
-        sys.exit(f"bench_data: Ray has {have} CPUs, expected {cpus} (connected to another instance?)")
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    return time.perf_counter() - started
 
 
 # --- main -----------------------------------------------------------------------------------------------------------

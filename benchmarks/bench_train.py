@@ -109,6 +109,7 @@ def prepared_clips(workdir: Path, clips_needed: int, cpus: int) -> tuple[Path, i
     from opsvlm.data.clips import ClipConfig
     from opsvlm.data.pipeline import PrepareConfig, prepare
     from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
+    from opsvlm.testing.cluster import start_ray
     from opsvlm.video.sampling import SamplingSpec
 
     clips = ClipConfig(length_s=4.0, stride_s=2.0)
@@ -368,22 +369,6 @@ def _vm_hwm_mb(pid: int) -> float:
     raise ValueError("no VmHWM")
 
 
-def start_ray(cpus: int) -> float:
-    import ray
-
-    from opsvlm.runtime import init_ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        sys.exit("bench_train: unset RAY_ADDRESS: the benchmark needs its own local Ray instance with --cpus CPUs")
-    started = time.perf_counter()
-    init_ray(num_cpus=cpus)
-    have = ray.cluster_resources().get("CPU", 0)
-    if have != cpus:
-        sys.exit(f"bench_train: Ray has {have} CPUs, expected {cpus} (connected to another instance?)")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return time.perf_counter() - started
-
-
 def stop_ray() -> None:
     import ray
 
@@ -395,6 +380,7 @@ def run_ray_train(config, warmup: int, steps: int, cpus: int) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
+    from opsvlm.testing.cluster import start_ray
     from opsvlm.train.loop import fit
 
     ray_start_s = start_ray(cpus)

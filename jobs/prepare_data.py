@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from opsvlm.config import load_config
+from opsvlm.config import flag_overrides, load_config
 from opsvlm.data.pipeline import PrepareConfig, prepare
 from opsvlm.runtime import init_ray
 
@@ -36,14 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # 1. config: preset, then flags, then key=value overrides
-    overrides = list(args.overrides)
-    if args.source:
-        overrides.insert(0, f"source={args.source}")
-    if args.out:
-        overrides.insert(0, f"out={args.out}")
-    if args.sampler:
-        overrides.insert(0, f"sampling.strategy={args.sampler}")
-    config = load_config(PrepareConfig, args.config, overrides)
+    flags = {"source": args.source, "out": args.out, "sampling.strategy": args.sampler}
+    config = load_config(PrepareConfig, args.config, flag_overrides(flags, args.overrides))
     if not config.source or not config.out:
         parser.error("--source and --out are required (or set them in the preset)")
 

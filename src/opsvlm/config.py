@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "check_choices",
+    "flag_overrides",
     "flatten",
     "from_dict",
     "load_config",
@@ -170,6 +172,26 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node[part]
         node[leaf] = yaml.safe_load(text) if text.strip() else ""
     return data
+
+
+def flag_overrides(flags: Mapping[str, Any], overrides: Sequence[str] = ()) -> list[str]:
+    """A job's command-line flags as ``key=value`` overrides, before its own ``key=value`` overrides (which win).
+
+    Args:
+        flags: Config field (dotted) -> flag value, e.g. ``{"source": args.source, "sampling.strategy": args.sampler}``;
+            a flag left ``None`` is not given. Strings are JSON-quoted, so a path such as ``123`` or ``null`` stays
+            the string it is.
+        overrides: The ``dotted.key=value`` strings of the command line.
+
+    Returns:
+        The overrides for :func:`load_config`.
+    """
+    given = [
+        f"{key}={json.dumps(value) if isinstance(value, str) else value}"
+        for key, value in flags.items()
+        if value is not None
+    ]
+    return [*given, *overrides]
 
 
 def load_config(cls: type[T], preset: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

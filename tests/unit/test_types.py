@@ -61,3 +61,17 @@ def test_direct_construction_is_checked_too() -> None:
     with pytest.raises(ConfigError, match=r"example\.groups"):
         Example(groups=("vision", "heads"))  # type: ignore[arg-type]
     Example(groups=None)
+
+
+def test_flags_become_overrides_that_key_value_overrides_beat() -> None:
+    from opsvlm.config import flag_overrides
+
+    @dataclass(frozen=True)
+    class Job:
+        source: str = ""
+        out: str = ""
+        optimizer: Optimizer = "adamw"
+
+    overrides = flag_overrides({"source": "123", "out": None, "optimizer": "adamw_8bit"}, ["optimizer=adamw"])
+    assert overrides == ['source="123"', 'optimizer="adamw_8bit"', "optimizer=adamw"]
+    assert load_config(Job, None, overrides) == Job(source="123", optimizer="adamw")  # a numeric path stays a string

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opsvlm.model.build import ModelConfig, check_zero_compat
-
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+from opsvlm.types import OPTIMIZERS
 
 
 @dataclass(frozen=True)
