@@ -105,4 +105,7 @@ def predict_dataset(
         concurrency=actors,
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
+        # an actor that dies fails the evaluation loudly instead of being restarted (Ray would warn that a restart
+        # cannot re-fetch constructor arguments held in the object store)
+        max_restarts=0,
     )

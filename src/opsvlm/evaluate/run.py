@@ -173,7 +173,7 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
 
     from opsvlm import registry
     from opsvlm.evaluate.batch import predict_dataset
-    from opsvlm.testing.tiny import TINY_MODEL_ALIAS
+    from opsvlm.testing.tiny import MARKER_FILE, resolve_model_source
     from opsvlm.tracking import ensure_experiment, resolve_tracking_uri
     from opsvlm.train.checkpoint import read_model_meta
     from opsvlm.train.loop import label_rows, load_split, read_manifest
@@ -218,7 +218,9 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
         train_rows = label_rows(config.data, "train", task)
         systems.update(task.baselines(rows, systems[MODEL_SYSTEM], train_rows, manifest))
     if config.base_model:
-        name = "untrained-base" if meta["base_model"] == TINY_MODEL_ALIAS else "zero-shot-base"
+        # the random-weight fixture has learned nothing: "zero-shot" is kept for real pretrained checkpoints
+        untrained = (Path(resolve_model_source(meta["base_model"])) / MARKER_FILE).is_file()
+        name = "untrained-base" if untrained else "zero-shot-base"
         say(f"scoring {name}")
         spec = SamplingSpec(**meta["sampling_spec"])
         base = predict_dataset(dataset, None, base_model=meta["base_model"], spec=spec, task=task.name, **common)
