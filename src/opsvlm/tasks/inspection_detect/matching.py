@@ -164,6 +164,60 @@ class ImageBoxes:
         return cls(pb, ps, tuple(pred_types), tb, tuple(true_types))
 
 
+def image_hits(
+    image: ImageBoxes, types: Sequence[str], ious: Sequence[float] = COCO_IOUS
+) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """One image's scored predictions per type: ``{type: (scores float[P], hits bool[len(ious), P], n_true)}``.
+
+    Matching is within an image, so these pieces are fixed per image; AP pools them over images (and a bootstrap
+    replicate only re-pools them).
+    """
+    out = {}
+    for kind in types:
+        pmask = np.array([p == kind for p in image.pred_types], dtype=bool).reshape(-1)
+        tmask = np.array([t == kind for t in image.true_types], dtype=bool).reshape(-1)
+        n_true = int(tmask.sum())
+        scores = image.pred_scores[pmask] if len(pmask) else np.zeros(0)
+        hits = np.zeros((len(ious), len(scores)), dtype=bool)
+        if len(scores) and n_true:
+            truths = image.true_boxes[tmask]
+            for i, threshold in enumerate(ious):
+                hits[i] = match_boxes(image.pred_boxes[pmask], scores, truths, threshold) >= 0
+        out[kind] = (scores, hits, n_true)
+    return out
+
+
+def map_from_hits(
+    per_image: Sequence[dict[str, tuple[np.ndarray, np.ndarray, int]]],
+    types: Sequence[str],
+    ious: Sequence[float] = COCO_IOUS,
+) -> dict:
+    """:func:`detection_map` from :func:`image_hits` pieces (pooled over the images given)."""
+    ap50: dict[str, float] = {}
+    ap_all: dict[str, float] = {}
+    n_true: dict[str, int] = {}
+    for kind in types:
+        count = sum(hits[kind][2] for hits in per_image)
+        n_true[kind] = count
+        scores = np.concatenate([hits[kind][0] for hits in per_image]) if per_image else np.zeros(0)
+        matched = (
+            np.concatenate([hits[kind][1] for hits in per_image], axis=1)
+            if per_image
+            else np.zeros((len(ious), 0), bool)
+        )
+        per_iou = [average_precision(scores, matched[i], count) for i in range(len(ious))]
+        ap50[kind] = per_iou[0]
+        ap_all[kind] = float(np.mean(per_iou)) if count else float("nan")
+    defined = [k for k in types if n_true[k] > 0]
+    return {
+        "ap50": ap50,
+        "ap50_95": ap_all,
+        "map50": float(np.mean([ap50[k] for k in defined])) if defined else float("nan"),
+        "map50_95": float(np.mean([ap_all[k] for k in defined])) if defined else float("nan"),
+        "n_true": n_true,
+    }
+
+
 def detection_map(images: Sequence[ImageBoxes], types: Sequence[str], ious: Sequence[float] = COCO_IOUS) -> dict:
     """AP per type and mAP over a set of images, type-aware matching at each IoU threshold.
 
@@ -176,35 +230,4 @@ def detection_map(images: Sequence[ImageBoxes], types: Sequence[str], ious: Sequ
         ``{"ap50": {type: AP}, "ap50_95": {type: AP}, "map50": float, "map50_95": float, "n_true": {type: n}}``;
         types without true objects have NaN AP and stay out of the means (NaN if no type has any).
     """
-    ap50: dict[str, float] = {}
-    ap_all: dict[str, float] = {}
-    n_true: dict[str, int] = {}
-    for kind in types:
-        count = sum(sum(t == kind for t in im.true_types) for im in images)
-        n_true[kind] = count
-        per_iou = []
-        for threshold in ious:
-            scores, hits = [], []
-            for im in images:
-                pmask = np.array([p == kind for p in im.pred_types], dtype=bool)
-                tmask = np.array([t == kind for t in im.true_types], dtype=bool)
-                if not pmask.any():
-                    continue
-                matched = match_boxes(
-                    im.pred_boxes[pmask], im.pred_scores[pmask], im.true_boxes[tmask] if tmask.any() else [], threshold
-                )
-                scores.append(im.pred_scores[pmask])
-                hits.append(matched >= 0)
-            s = np.concatenate(scores) if scores else np.zeros(0)
-            h = np.concatenate(hits) if hits else np.zeros(0, bool)
-            per_iou.append(average_precision(s, h, count))
-        ap50[kind] = per_iou[0]
-        ap_all[kind] = float(np.mean(per_iou)) if count else float("nan")
-    defined = [k for k in types if n_true[k] > 0]
-    return {
-        "ap50": ap50,
-        "ap50_95": ap_all,
-        "map50": float(np.mean([ap50[k] for k in defined])) if defined else float("nan"),
-        "map50_95": float(np.mean([ap_all[k] for k in defined])) if defined else float("nan"),
-        "n_true": n_true,
-    }
+    return map_from_hits([image_hits(im, types, ious) for im in images], types, ious)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from opsvlm.data.yolo import LabelledImage
-from opsvlm.tasks.inspection_detect.matching import COCO_IOUS, ImageBoxes, detection_map
+from opsvlm.tasks.inspection_detect.matching import COCO_IOUS, ImageBoxes, image_hits, map_from_hits
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -106,11 +106,11 @@ def bootstrap_map(
     """
     if not images:
         raise ValueError("no images to bootstrap")
+    pieces = [image_hits(im, types, ious) for im in images]  # matching is per image: done once
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {"map50": [], "map50_95": []}
     for _ in range(n_boot):
-        sample = [images[i] for i in rng.integers(0, len(images), len(images))]
-        result = detection_map(sample, types, ious)
+        result = map_from_hits([pieces[i] for i in rng.integers(0, len(pieces), len(pieces))], types, ious)
         for key in draws:
             draws[key].append(result[key])
     tail = (1 - level) / 2 * 100

@@ -93,7 +93,7 @@ class DetectorServer:
             )
             self.detector = load_detector(config)
             self.info.update(self.detector.describe())
-        except (ValueError, OSError) as exc:  # DetectorError, DetectorRefError, UnmappedClassError, missing files
+        except Exception as exc:  # a bad reference, an unmapped class, a registry that cannot be reached, ...
             self.error = f"detector {detector!r} cannot be used: {exc}"
 
     def _ready(self):

@@ -176,9 +176,9 @@ def fit_and_score(config: DetectorTrainConfig, data_yaml: str, run_id: str, trac
 
     configure_offline()
     client = MlflowClient(tracking_uri=tracking_uri)
-    work = Path(data_yaml).parent
     started = time.perf_counter()
-    result = train_yolo(data_yaml, work / "ultralytics", config.yolo)
+    # the dataset folder is <workdir>/dataset (train_detector): Ultralytics' run goes next to it
+    result = train_yolo(data_yaml, Path(data_yaml).parent.parent / "ultralytics", config.yolo)
     train_s = time.perf_counter() - started
     save_dir = Path(result.save_dir)
 
