@@ -6,6 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+__all__ = [
+    "contact_sheet",
+]
+
 
 def contact_sheet(clips: Sequence[tuple[np.ndarray, str]], thumb_height: int = 96):
     """One row per clip: its sampled frames side by side under a caption.

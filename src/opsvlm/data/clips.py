@@ -26,6 +26,18 @@ import numpy as np
 from opsvlm.data.openpack import SessionTimeline
 from opsvlm.tasks.operations import NULL, operation_by_id
 
+__all__ = [
+    "SPLITS",
+    "ClipConfig",
+    "ClipRecord",
+    "Run",
+    "label_runs",
+    "label_window",
+    "make_clips",
+    "split_subjects",
+    "window_starts",
+]
+
 # Rows closer than this are treated as touching (annotation times have millisecond precision).
 _TOUCH_S = 1e-3
 SPLITS = ("train", "val", "test")

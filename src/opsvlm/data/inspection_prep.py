@@ -38,6 +38,26 @@ from opsvlm.data.yolo import CONDITION_CLASSES, canonical_class_name, class_cond
 from opsvlm.tasks.inspection import InspectionTask, mark_target, render_closeup, resize_image
 from opsvlm.video.sampling import SamplingSpec
 
+__all__ = [
+    "DECODE_FAILED",
+    "EXAMPLE_SCHEMA",
+    "MANIFEST_FORMAT",
+    "MAX_PROBLEMS_IN_SUMMARY",
+    "REJECTED",
+    "REJECTED_DIR",
+    "ROWS_DIR",
+    "ROWS_PER_TABLE",
+    "SIZE_MISMATCH",
+    "UNKNOWN_CLASS",
+    "ImagePlan",
+    "InspectionPrepConfig",
+    "example_dataset",
+    "example_rows",
+    "plan_images",
+    "prepare_inspection",
+    "render_batch",
+]
+
 MANIFEST_FORMAT = "opsvlm-examples/1"
 ROWS_DIR = "examples"
 REJECTED_DIR = "rejected"

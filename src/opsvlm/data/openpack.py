@@ -22,6 +22,27 @@ from pathlib import Path
 
 from opsvlm.tasks.operations import NULL, operation_by_id
 
+__all__ = [
+    "CSV_COLUMNS",
+    "FRAME_NAME_FORMAT",
+    "VIDEO_SUFFIXES",
+    "AnnotationError",
+    "Segment",
+    "SessionSource",
+    "SessionTimeline",
+    "annotation_path",
+    "discover_sessions",
+    "find_media",
+    "frame_name",
+    "frame_time_from_name",
+    "frames_dir",
+    "label_at",
+    "list_frames",
+    "read_operations_csv",
+    "video_path",
+    "write_operations_csv",
+]
+
 CSV_COLUMNS = ("uuid", "user", "session", "box", "id", "operation", "start", "end", "actions")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 FRAME_NAME_FORMAT = "%Y%m%d_%H%M%S_%f"

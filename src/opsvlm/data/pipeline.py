@@ -36,6 +36,24 @@ from opsvlm.tasks.operations import OperationsTask
 from opsvlm.video.decode import ClipFrames, ClipRejection, ClipWindow, decode_session_views
 from opsvlm.video.sampling import SamplingSpec
 
+__all__ = [
+    "BATCH_BYTES",
+    "CLIP_SCHEMA",
+    "MANIFEST_FORMAT",
+    "REJECTED",
+    "ROWS_PER_BATCH",
+    "SHARD_SCHEMA",
+    "PrepareConfig",
+    "SessionPlan",
+    "clip_dataset",
+    "decode_tasks",
+    "frames_of",
+    "plan_sessions",
+    "plan_tasks",
+    "prepare",
+    "write_task_shards",
+]
+
 MANIFEST_FORMAT = "opsvlm-clips/1"
 REJECTED = "rejected"
 

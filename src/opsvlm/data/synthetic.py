@@ -54,6 +54,37 @@ from opsvlm.data.openpack import (
 from opsvlm.tasks.operations import NULL, OPTIONAL_IDS, PROCEDURE, operation_by_id
 from opsvlm.video.encode import write_video
 
+__all__ = [
+    "BASE_ORIGIN",
+    "BOX_PROCEDURE",
+    "DEFAULT_BOXES_PER_SESSION",
+    "MAX_FRAME_SIDE",
+    "MIN_SEGMENT_S",
+    "OPERATION_DURATIONS",
+    "ORDER_LINES_PER_ROW",
+    "ORDER_LINES_PER_SHEET",
+    "REPEAT_PAIRS",
+    "RGB",
+    "SKIPPABLE_IDS",
+    "DatasetSummary",
+    "DurationStats",
+    "GeneratorConfig",
+    "ProcedureVariation",
+    "SubjectStyle",
+    "frame_labels",
+    "generate_box_operations",
+    "generate_dataset",
+    "generate_session",
+    "generate_timeline",
+    "num_frames",
+    "render_session",
+    "session_ids",
+    "session_origin",
+    "subject_ids",
+    "subject_style",
+    "summarize",
+]
+
 # --------------------------------------------------------------------------------------------------------------------
 # Timeline
 # --------------------------------------------------------------------------------------------------------------------

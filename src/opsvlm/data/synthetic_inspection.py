@@ -43,6 +43,26 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from opsvlm.data.yolo import CONDITION_CLASSES, condition_class
 
+__all__ = [
+    "BACKGROUND",
+    "COVERAGE_PLANS",
+    "SPLIT_FOLDERS",
+    "InspectionConfig",
+    "InspectionSummary",
+    "RenderedScene",
+    "SceneObject",
+    "ScenePlan",
+    "clip_polygon",
+    "data_yaml_text",
+    "dataset_plans",
+    "generate_inspection_dataset",
+    "label_lines",
+    "polygon_area",
+    "render_scene",
+    "sample_plan",
+    "split_counts",
+]
+
 #: data.yaml split key -> folder name (Roboflow writes ``valid``).
 SPLIT_FOLDERS: dict[str, str] = {"train": "train", "val": "valid", "test": "test"}
 

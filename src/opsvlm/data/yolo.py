@@ -39,6 +39,48 @@ from typing import Any
 
 import yaml
 
+__all__ = [
+    "BAD_CLASS_ID",
+    "CLASS_OUT_OF_RANGE",
+    "CONDITIONS",
+    "CONDITION_CLASSES",
+    "COORD_TOLERANCE",
+    "DEGENERATE_BOX",
+    "IMAGE_SUFFIXES",
+    "LABEL_WITHOUT_IMAGE",
+    "NOT_A_NUMBER",
+    "OBJECT_TYPES",
+    "ODD_COORDINATES",
+    "OUT_OF_RANGE",
+    "ROW_PROBLEMS",
+    "SPLITS",
+    "TOO_FEW_POINTS",
+    "UNREADABLE_IMAGE",
+    "UNREADABLE_LABEL",
+    "DataYamlError",
+    "Detection",
+    "DetectionsJsonError",
+    "ImageDetections",
+    "LabelledImage",
+    "Problem",
+    "ReadReport",
+    "StageOneDetection",
+    "YoloDataset",
+    "YoloFormatError",
+    "canonical_class_name",
+    "class_condition",
+    "condition_class",
+    "iter_objects",
+    "label_path_for",
+    "load_detections_json",
+    "object_type_of",
+    "parse_detections",
+    "read_data_yaml",
+    "read_dataset",
+    "read_label_file",
+    "read_split",
+]
+
 # --------------------------------------------------------------------------------------------------------------------
 # Class names: object type and condition
 # --------------------------------------------------------------------------------------------------------------------

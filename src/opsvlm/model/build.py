@@ -38,6 +38,26 @@ from opsvlm.model.plan import LORA_TARGET_PRESETS, check_zero3_quantization
 from opsvlm.testing.tiny import resolve_model_source
 from opsvlm.types import COMPUTE_DTYPES, AttnImplementation, ComputeDtype, Fp32ModuleGroup, Quantization
 
+__all__ = [
+    "DEFAULT_FP16_FP32_MODULES",
+    "LoraSettings",
+    "ModelConfig",
+    "check_trainable_quantization",
+    "check_zero_compat",
+    "count_parameters",
+    "fp32_module_groups",
+    "keep_in_fp32",
+    "load_base_model",
+    "load_for_inference",
+    "load_processor",
+    "merge_adapter",
+    "merge_lora",
+    "nan_advice",
+    "prepare_for_training",
+    "resolve_compute_dtype",
+    "target_modules_regex",
+]
+
 logger = logging.getLogger(__name__)
 
 # model.fp32_modules: null = this under float16 compute, nothing under bfloat16/float32. The vision tower: public

@@ -22,6 +22,20 @@ import numpy as np
 
 from opsvlm.video.sampling import SamplingSpec, frame_motion, motion_indices, to_gray, uniform_indices
 
+__all__ = [
+    "DECODE_CHUNK",
+    "RING_BYTES",
+    "ClipFrames",
+    "ClipRejection",
+    "ClipWindow",
+    "DecodeError",
+    "decode_session_views",
+    "decode_session_with_deadline",
+    "iter_session_clips",
+    "open_media",
+    "sample_frames",
+]
+
 _F_SETPIPE_SZ = 1031  # Linux fcntl command, not exported by the fcntl module on Python 3.11
 DECODE_CHUNK = 32  # frames per decord call: large enough to amortize the call, small enough to bound memory
 

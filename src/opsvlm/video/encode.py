@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = [
+    "write_video",
+]
+
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 15.0, **codec_options: str) -> int:
     """Encode RGB frames as an H.264 MP4 (yuv420p, libx264 defaults unless ``codec_options`` say otherwise).
