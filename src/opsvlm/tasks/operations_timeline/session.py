@@ -57,9 +57,11 @@ class SessionAnnotation:
         labels: int64[T] the output labels (by ``decoder``).
         labels_grammar: int64[T] Viterbi labels.
         labels_argmax: int64[T] per-second argmax labels.
-        next_labels: int64[T] anticipated next operation (model x grammar successors).
+        next_labels: int64[T] anticipated next operation of the output labels (by ``decoder``).
         next_confidence: float64[T] its normalized score.
-        next_labels_plain: int64[T] anticipated next operation from the model's scores alone.
+        next_labels_plain: int64[T] anticipated next operation of the argmax labels, from the model's scores alone.
+        next_labels_grammar: int64[T] anticipated next operation of the Viterbi labels, the model's scores weighted
+            by the grammar's successor frequencies.
         boxes: int64[T] box of each cell (0 before the first operation).
         figures: Per-box figures of ``labels``.
         summary: Session totals of ``labels``.
@@ -89,6 +91,7 @@ class SessionAnnotation:
     next_labels: np.ndarray
     next_confidence: np.ndarray
     next_labels_plain: np.ndarray
+    next_labels_grammar: np.ndarray
     boxes: np.ndarray
     figures: list[box_mod.BoxFigures]
     summary: dict
@@ -120,7 +123,7 @@ class SessionAnnotation:
         mask = self.truth_mask
         truth = self.truth_labels[mask]
         return {
-            GRAMMAR_SYSTEM: session_stats(truth, self.labels_grammar[mask], self.next_labels[mask]),
+            GRAMMAR_SYSTEM: session_stats(truth, self.labels_grammar[mask], self.next_labels_grammar[mask]),
             ARGMAX_SYSTEM: session_stats(truth, self.labels_argmax[mask], self.next_labels_plain[mask]),
             MAJORITY_SYSTEM: session_stats(truth, self.majority[mask], None),
         }
@@ -221,8 +224,10 @@ def annotate_windows(
     with_grammar = decode(scores, grammar, emission_weight)
     plain = argmax_decode(scores)
     labels = with_grammar if decoder == "viterbi" else plain
-    next_labels, next_conf = anticipate(labels, next_scores, grammar)
-    next_plain, _ = anticipate(plain, next_scores, None)
+    # each system anticipates on its own labels: the grammar system with the successor frequencies, argmax without
+    next_grammar, conf_grammar = anticipate(with_grammar, next_scores, grammar)
+    next_plain, conf_plain = anticipate(plain, next_scores, None)
+    next_labels, next_conf = (next_grammar, conf_grammar) if decoder == "viterbi" else (next_plain, conf_plain)
     boxes = box_mod.assign_boxes(labels)
     figures = box_mod.box_figures(labels, boxes, grid.starts_s)
     annotation = SessionAnnotation(
@@ -245,6 +250,7 @@ def annotate_windows(
         next_labels=next_labels,
         next_confidence=next_conf,
         next_labels_plain=next_plain,
+        next_labels_grammar=next_grammar,
         boxes=boxes,
         figures=figures,
         summary=box_mod.session_figures(figures, labels),
