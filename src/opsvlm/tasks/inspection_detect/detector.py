@@ -207,7 +207,8 @@ class DetectorConfig:
             classes, case/``-``/``_`` ignored).
         conf: Minimum score of a returned detection.
         iou: IoU of non-maximum suppression.
-        imgsz: Inference size in pixels (an ONNX export runs at the size it was exported with).
+        imgsz: Inference size in pixels; ``None`` = the size the checkpoint was trained at (an ONNX export always
+            runs at the size it was exported with).
         max_det: At most this many detections per image.
         device: ``cpu``, ``cuda``, ``cuda:0``, ... (``auto``: CUDA when available).
     """
@@ -217,7 +218,7 @@ class DetectorConfig:
     class_map: dict[str, str] = field(default_factory=dict)
     conf: float = 0.25
     iou: float = 0.7
-    imgsz: int = 640
+    imgsz: int | None = None
     max_det: int = 100
     device: str = "auto"
 
@@ -228,7 +229,7 @@ class DetectorConfig:
             raise DetectorError(f"detector.conf: must be in [0, 1], got {self.conf}")
         if not 0.0 < self.iou <= 1.0:
             raise DetectorError(f"detector.iou: must be in (0, 1], got {self.iou}")
-        if self.imgsz < 32 or self.imgsz % 32:
+        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
             raise DetectorError(f"detector.imgsz: must be a multiple of 32 (the YOLO stride), got {self.imgsz}")
         if self.max_det < 1:
             raise DetectorError(f"detector.max_det: must be >= 1, got {self.max_det}")

@@ -145,9 +145,10 @@ class UltralyticsDetector:
         self.names: dict[int, str] = {int(k): str(v) for k, v in dict(names).items()}
         self.mapping: ClassMapping = config.mapping
         self.object_types: dict[int, str] = self.mapping.resolve(self.names, str(path))
-        self.imgsz = config.imgsz
+        trained = self.model.overrides.get("imgsz") if not self.is_onnx else None
+        self.imgsz: int = int(config.imgsz or _imgsz_of(trained) or DEFAULT_IMGSZ)
         if self.is_onnx:
-            self.imgsz = _onnx_imgsz(path) or config.imgsz
+            self.imgsz = _onnx_imgsz(path) or self.imgsz
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Objects in one uint8[H, W, 3] RGB image, highest score first."""
@@ -207,6 +208,15 @@ class UltralyticsDetector:
             "imgsz": self.imgsz,
             "device": self.device,
         }
+
+
+DEFAULT_IMGSZ = 640  # Ultralytics' default, for a checkpoint that does not record its training size
+
+
+def _imgsz_of(value: Any) -> int | None:
+    if isinstance(value, list | tuple) and value:
+        value = max(value)
+    return int(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def _onnx_imgsz(path: Path) -> int | None:

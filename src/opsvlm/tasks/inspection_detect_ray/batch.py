@@ -40,7 +40,7 @@ class BatchDetectConfig:
         detector: Detector reference (``models:/opsvlm-detector@champion``, ``runs:/...``, a ``.pt``/``.onnx`` file).
         prefer: ``pt`` or ``onnx`` (the registered ONNX export).
         conf: Score threshold (``None``: the one recorded with the detector).
-        imgsz: Inference size (``None``: the one recorded with the detector).
+        imgsz: Inference size (``None``: the one recorded with the detector, else its training size).
         class_map: Detector class -> object type (empty: the recorded one, else the default mapping).
         device: ``auto``, ``cpu``, ``cuda:0``...
         batch_size: Images per detector call.
@@ -94,7 +94,7 @@ def detector_config(config: BatchDetectConfig, cache_dir: str | None = None) -> 
         weights=str(weights),
         class_map=dict(config.class_map or meta.get("class_map") or {}),
         conf=config.conf if config.conf is not None else float(meta.get("conf", 0.25)),
-        imgsz=config.imgsz if config.imgsz is not None else int(meta.get("imgsz", 640)),
+        imgsz=config.imgsz if config.imgsz is not None else meta.get("imgsz"),
         device=config.device,
     )
 
@@ -166,7 +166,7 @@ def detect_folder(config: BatchDetectConfig) -> dict[str, Any]:
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     detector = detector_config(config, cache_dir=str(out / ".detector"))
-    load_detector(detector)  # fail fast on the driver: missing file, unmapped class
+    loaded = load_detector(detector)  # fail fast on the driver: missing file, unmapped class
     started = time.perf_counter()
     dataset = ray.data.from_items([{"path": p} for p in relative])
     rows = dataset.map_batches(
@@ -191,7 +191,7 @@ def detect_folder(config: BatchDetectConfig) -> dict[str, Any]:
         "images_without_detections": sum(1 for row in done if not row["types"]),
         "detector": detector.weights,
         "conf": detector.conf,
-        "imgsz": detector.imgsz,
+        "imgsz": loaded.imgsz,
         "detector_seconds_per_image": float(np.mean([row["seconds"] for row in done])) if done else None,
         "seconds": time.perf_counter() - started,
     }

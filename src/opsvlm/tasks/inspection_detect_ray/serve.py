@@ -58,7 +58,7 @@ class DetectorServer:
             ``.pt``/``.onnx`` file or a folder with ``weights.pt``).
         prefer: ``pt`` or ``onnx`` (the registered ONNX export, run with onnxruntime).
         conf: Score threshold (``None``: the one recorded with the detector, else 0.25).
-        imgsz: Inference size (``None``: the one recorded with the detector, else 640).
+        imgsz: Inference size (``None``: the one recorded with the detector, else its training size).
         class_map: Detector class -> object type (empty: the recorded one, else the default mapping).
         device: ``auto``, ``cpu``, ``cuda:0``...
         tracking_uri: MLflow URI for registry references.
@@ -88,7 +88,7 @@ class DetectorServer:
                 weights=str(weights),
                 class_map=dict(class_map or meta.get("class_map") or {}),
                 conf=conf if conf is not None else float(meta.get("conf", 0.25)),
-                imgsz=imgsz if imgsz is not None else int(meta.get("imgsz", 640)),
+                imgsz=imgsz if imgsz is not None else meta.get("imgsz"),
                 device=device,
             )
             self.detector = load_detector(config)
