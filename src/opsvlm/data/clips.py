@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from opsvlm.data.openpack import SessionTimeline
-from opsvlm.tasks.operations import NULL, operation_by_id
+from opsvlm.tasks.operations.labels import NULL, operation_by_id
 
 __all__ = [
     "SPLITS",

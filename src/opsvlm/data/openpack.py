@@ -20,7 +20,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from opsvlm.tasks.operations import NULL, operation_by_id
+from opsvlm.tasks.operations.labels import NULL, operation_by_id
 
 __all__ = [
     "CSV_COLUMNS",

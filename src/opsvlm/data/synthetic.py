@@ -51,7 +51,7 @@ from opsvlm.data.openpack import (
     video_path,
     write_operations_csv,
 )
-from opsvlm.tasks.operations import NULL, OPTIONAL_IDS, PROCEDURE, operation_by_id
+from opsvlm.tasks.operations.labels import NULL, OPTIONAL_IDS, PROCEDURE, operation_by_id
 from opsvlm.video.encode import write_video
 
 __all__ = [

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 # The operations task's label names (OpenPack's spelling), so the tokenizer learns merges for them.
-from opsvlm.tasks.operations import LABEL_NAMES
+from opsvlm.tasks.operations.labels import LABEL_NAMES
 
 __all__ = [
     "CACHE_ENV_VAR",

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from opsvlm.data.clips import label_runs
-from opsvlm.data.openpack import SessionTimeline
-from opsvlm.tasks.operations.task import NULL, operation_by_id
+from opsvlm.tasks.operations.labels import NULL, operation_by_id
+
+if TYPE_CHECKING:
+    from opsvlm.data.openpack import SessionTimeline
 
 
 def successor_counts(timelines: Iterable[SessionTimeline]) -> dict[str, Counter]:
@@ -26,6 +28,8 @@ def successor_counts(timelines: Iterable[SessionTimeline]) -> dict[str, Counter]
         ``{operation name: Counter({next operation name: count})}``; the last operation of a session is followed by
         ``Null`` (nothing follows), as in the clip labels.
     """
+    from opsvlm.data.clips import label_runs  # the data readers import the label set: not at module level
+
     counts: dict[str, Counter] = defaultdict(Counter)
     for timeline in timelines:
         ops = [run.op_id for run in label_runs(timeline) if run.op_id != NULL.id]

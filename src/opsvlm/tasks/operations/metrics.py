@@ -46,7 +46,7 @@ from opsvlm.metrics import (
     recall_from_confusion,
     subset_positions,
 )
-from opsvlm.tasks.operations.task import LABEL_NAMES, OPERATIONS
+from opsvlm.tasks.operations.labels import LABEL_NAMES, OPERATIONS
 
 _T = TypeVar("_T")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from opsvlm.tasks.operations.labels import LABEL_NAMES
 from opsvlm.tasks.operations.metrics import CONFUSION_COLUMNS
-from opsvlm.tasks.operations.task import LABEL_NAMES
 
 
 def confusion_png(matrix: np.ndarray, title: str, path: Path) -> None:

@@ -19,70 +19,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from opsvlm.tasks.base import Task, register_task
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One OpenPack operation class.
-
-    Attributes:
-        id: OpenPack's numeric operation id (100 ... 1000, 8100 for Null).
-        name: OpenPack's human-readable name, exactly as it appears in the annotation CSVs.
-    """
-
-    id: int
-    name: str
-
-
-OPERATIONS: tuple[Operation, ...] = (
-    Operation(100, "Picking"),
-    Operation(200, "Relocate Item Label"),
-    Operation(300, "Assemble Box"),
-    Operation(400, "Insert Items"),
-    Operation(500, "Close Box"),
-    Operation(600, "Attach Box Label"),
-    Operation(700, "Scan Label"),
-    Operation(800, "Attach Shipping Label"),
-    Operation(900, "Put on Back Table"),
-    Operation(1000, "Fill out Order"),
+from opsvlm.tasks.operations import baselines
+from opsvlm.tasks.operations.labels import (
+    BY_NAME,
+    LABEL_NAMES,
+    NULL,
 )
-NULL = Operation(8100, "Null")
-ALL_LABELS: tuple[Operation, ...] = (*OPERATIONS, NULL)
+from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics, confusion_matrices
+from opsvlm.tasks.operations.plots import confusion_png, per_class_png
 
-BY_ID: dict[int, Operation] = {op.id: op for op in ALL_LABELS}
-BY_NAME: dict[str, Operation] = {op.name: op for op in ALL_LABELS}
-LABEL_NAMES: tuple[str, ...] = tuple(op.name for op in ALL_LABELS)
-
-# OpenPack's standard procedure for one box. "Put on Back Table" (900) happens for roughly a quarter of boxes.
 BOOTSTRAP_BLOCK_S = 30.0
 """Length of the contiguous blocks of clips that bootstrap intervals resample (see ``OperationsTask.group_of``)."""
-
-PROCEDURE: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 1000, 800, 900)
-OPTIONAL_IDS: frozenset[int] = frozenset({900})
-
-
-def operation_by_id(op_id: int) -> Operation:
-    """Look an operation up by its OpenPack id.
-
-    Raises:
-        KeyError: with the known ids listed, if ``op_id`` is not an OpenPack operation.
-    """
-    try:
-        return BY_ID[int(op_id)]
-    except KeyError:
-        raise KeyError(f"unknown OpenPack operation id {op_id!r}; known ids: {sorted(BY_ID)}") from None
-
-
-def operation_by_name(name: str) -> Operation:
-    """Look an operation up by its OpenPack name (exact match).
-
-    Raises:
-        KeyError: with the known names listed, if ``name`` is not an OpenPack operation.
-    """
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"unknown OpenPack operation {name!r}; known: {list(BY_NAME)}") from None
 
 
 # --- prompt, target and parsing for the clip task -----------------------------------------------------------------
@@ -299,8 +246,6 @@ class OperationsTask(Task):
             rows: Prepared clip rows (their labels; frames are not needed).
             answers: :class:`Prediction`, mappings with ``operation/start_s/end_s/next_operation``, or None.
         """
-        from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics
-
         truths = [
             ClipTruth(r["dominant_operation"], *r["temporal_segment"], r["next_operation"], r["end_s"] - r["start_s"])
             for r in rows
@@ -328,7 +273,8 @@ class OperationsTask(Task):
         manifest: Mapping[str, Any],
     ) -> dict[str, list[Mapping[str, Any] | None]]:
         from opsvlm.data.openpack import discover_sessions, read_operations_csv
-        from opsvlm.tasks.operations import baselines as b
+
+        b = baselines
 
         subjects = set(manifest["splits"]["train"]["subjects"])
         timelines = [
@@ -346,9 +292,6 @@ class OperationsTask(Task):
     def write_plots(
         self, rows: Sequence[Mapping[str, Any]], answers: Sequence[Mapping[str, Any] | None], directory: Path
     ) -> None:
-        from opsvlm.tasks.operations.metrics import ClipTruth, confusion_matrices
-        from opsvlm.tasks.operations.plots import confusion_png, per_class_png
-
         truths = [
             ClipTruth(r["dominant_operation"], *r["temporal_segment"], r["next_operation"], r["end_s"] - r["start_s"])
             for r in rows

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opsvlm.tasks.operations import OPTIONAL_IDS, PROCEDURE
+from opsvlm.tasks.operations.labels import OPTIONAL_IDS, PROCEDURE
 from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, runs_of
 
 PROCEDURE_INDICES: tuple[int, ...] = tuple(INDEX_OF_ID[op] for op in PROCEDURE)

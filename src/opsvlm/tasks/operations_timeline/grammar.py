@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from opsvlm.data.openpack import SessionTimeline
-from opsvlm.tasks.operations import PROCEDURE
+from opsvlm.tasks.operations.labels import PROCEDURE
 from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, SecondGrid, runs_of, truth_labels
 
 GRAMMAR_FORMAT = "opsvlm-operation-grammar/1"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from opsvlm.data.openpack import SessionTimeline
-from opsvlm.tasks.operations import ALL_LABELS, LABEL_NAMES, NULL
+from opsvlm.tasks.operations.labels import ALL_LABELS, LABEL_NAMES, NULL
 
 LABELS: tuple[str, ...] = LABEL_NAMES
 OP_IDS: tuple[int, ...] = tuple(op.id for op in ALL_LABELS)
