@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from opsvlm.train import checkpoint as ckpt
+from opsvlm.train.engine import LocalEngine
 from opsvlm.train.order import epoch_order, locate, micro_batches, step_ids, usable_rows
 from opsvlm.train.step import DivergedError, Precision, StepRunner, TrainState, plan_steps
 
@@ -116,7 +117,10 @@ def test_fp16_on_cpu_uses_autocast_and_a_grad_scaler() -> None:
 
 def test_an_fp16_overflow_is_a_skipped_step_and_a_run_of_them_is_divergence() -> None:
     model = Overflowing()
-    runner = sgd_runner(model, Precision.for_run("cpu", torch.float16), max_consecutive_skips=3)
+    # through the engine interface the worker uses (one process: LocalEngine)
+    runner = sgd_runner(
+        model, Precision.for_run("cpu", torch.float16), max_consecutive_skips=3, engine=LocalEngine(model)
+    )
     state = TrainState()
     before = model.w.detach().clone()
     result = runner.train_step([(toy_batch(np.array([1, 2])), None)], [2], state)

@@ -254,7 +254,7 @@ class StepRunner:
     @property
     def loss_scale(self) -> float | None:
         """The current dynamic loss scale (torch scaler or DeepSpeed), ``None`` without loss scaling."""
-        if self.engine is not None:
+        if self.engine is not None and self.engine.scales_loss:
             return self.engine.loss_scale()
         return self.precision.loss_scale
 
