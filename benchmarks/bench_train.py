@@ -14,8 +14,9 @@ the tiny Qwen2.5-VL on those clips with the ``jobs/configs/tiny_cpu.yaml`` prese
 ``language_vision`` + ``lm_head`` trained in full, AdamW, cosine schedule, grad clip 1.0) and the same global batch:
 
 (a) ``ray_train``: ``opsvlm.train.loop.fit`` unchanged: a local Ray instance with ``--cpus`` CPUs, TorchTrainer with
-    ``--workers`` workers (``cpus_per_worker`` from the preset), DDP over gloo, each worker streaming its shard of the
-    materialized Ray Dataset, micro-batch = global batch / workers, rank 0 recording four metrics per step and
+    ``--workers`` workers (``cpus_per_worker`` from the preset), DDP over gloo, each worker reading its rows by id
+    from the materialized Ray Dataset's blocks in the object store (in the per-epoch order of
+    ``opsvlm.train.order``), micro-batch = global batch / workers, rank 0 recording its per-step metrics and
     writing them to MLflow (a temporary SQLite store) in one batch every ``tracking.log_every_steps`` steps (10 by
     default). Periodic checkpoints are pushed past the last step (the final one comes after the timed window) and
     MLflow system metrics are off, so the window holds only training steps and their metric writes. The run's MLflow
