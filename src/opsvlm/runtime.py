@@ -37,8 +37,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
     if ray.is_initialized():
         return
-    if not verbose:  # MLflow draws a progress bar for every artifact download
+    if not verbose:  # MLflow draws a progress bar for every artifact download and prints a link for every run
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     held = None if verbose else _hold_library_logs()  # ray.init itself logs (auth token, dashboard): keep it quiet
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

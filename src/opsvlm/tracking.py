@@ -57,6 +57,15 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     )
 
 
+def runs_page(tracking_uri: str, experiment_id: str) -> str:
+    """Where a person looks at an experiment's runs: the MLflow UI page (opened in its model-training view; MLflow 3
+    otherwise shows a new browser its GenAI overview), or the command that starts a UI on a local store."""
+    view = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{view}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then http://127.0.0.1:5000/{view}"
+
+
 def config_params(config: dict[str, Any]) -> dict[str, str]:
     """A nested config as flat MLflow params (``optim.lr`` -> ``"0.0002"``), values clipped to MLflow's limit."""
     return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(config).items()}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from opsvlm.evaluate.run import MODEL_SYSTEM, EvalConfig, evaluate, format_table
 from opsvlm.tasks.base import get_task
+from opsvlm.tracking import ensure_experiment, resolve_tracking_uri, runs_page
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.train.loop import fit
 
@@ -111,6 +112,8 @@ def train_evaluate_promote(
         progress=lambda line: say(f"      test: {line}"),
     )
     say(f"[6/{STAGES}] test (report only, n={test.n} {task.unit}, {test.groups} groups): run {test.run_id}")
+    resolved = resolve_tracking_uri(tracking.tracking_uri)
+    say(f"      runs: {runs_page(resolved, ensure_experiment(tracking.experiment, resolved))}")
     say("\n" + format_table(test.table, task.table_metrics, test.intervals))
 
     model_ci = test.intervals[MODEL_SYSTEM]
@@ -164,8 +167,6 @@ class _TrainingWatcher:
 
     def _run(self) -> None:
         from mlflow import MlflowClient
-
-        from opsvlm.tracking import resolve_tracking_uri
 
         uri = resolve_tracking_uri(self.tracking.tracking_uri)
         client = MlflowClient(tracking_uri=uri)
