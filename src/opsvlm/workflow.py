@@ -134,6 +134,7 @@ def train_evaluate_promote(
         f"n_test_{task.unit}": test.n,
         "test_groups": test.groups,
         **{m: test.metrics.get(m) for m in task.table_metrics if m != metric},
+        **{m: v for m, v in test.metrics.items() if m.startswith(("n_", "boundary_"))},
         **{f"{_key(name)}_test_{metric}": v[metric] for name, v in test.table.items() if name != MODEL_SYSTEM},
     }
     print(json.dumps(summary), flush=True)

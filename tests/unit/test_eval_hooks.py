@@ -40,6 +40,7 @@ def test_boundary_tiou_counts_only_clips_where_the_operation_changes() -> None:
     metrics = task.compute_metrics(rows, whole)
     assert metrics["n_boundary_clips"] == 2
     assert metrics["tiou_at_0_5"] == 1.0 and metrics["boundary_tiou_at_0_5"] == 1.0
+    assert metrics["boundary_mean_tiou"] == pytest.approx(0.7)  # what the 0.5 threshold hides
     # segments that miss the boundary clips: IoU 1, 1, then [3.5, 5] vs [0, 3] = 0 and [0, 0.5] vs [1, 5] = 0
     off = [
         answer("Picking", 0.0, 5.0),
