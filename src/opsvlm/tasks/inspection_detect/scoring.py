@@ -24,7 +24,7 @@ def load_rgb(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable: the VLM processor turns it into a tensor
 
 
 def truth_boxes(image: LabelledImage) -> tuple[np.ndarray, tuple[str, ...]]:
