@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from opsvlm.tasks.base import Task, get_task
-from opsvlm.tasks.operations import ClipInput, Prediction, time_choices  # noqa: F401  (the clip task's types, re-exported)
 from opsvlm.train.examples import END_OF_TURN, model_inputs, prompt_text
 from opsvlm.video.sampling import SamplingSpec
 
@@ -169,9 +168,7 @@ class Predictor:
         max_new_tokens: Generation budget (the constrained clip answer is ~40 tokens with Qwen's tokenizer).
     """
 
-    def __init__(
-        self, model, processor, spec: SamplingSpec, task: Task | str = "operations", constrained=True, max_new_tokens=96
-    ):
+    def __init__(self, model, processor, spec: SamplingSpec, task: Task | str, constrained=True, max_new_tokens=96):
         self.model = model
         self.processor = processor
         self.spec = spec
@@ -204,7 +201,7 @@ class Predictor:
         device_map = {"": 0} if torch.cuda.is_available() else None
         model = load_for_inference(meta["base_model"], Path(directory) / ckpt.ADAPTER_DIR, config, device_map)
         processor = load_processor(Path(directory) / ckpt.PROCESSOR_DIR)
-        task = get_task(meta.get("task", "operations"))
+        task = get_task(meta["task"])
         if list(task.labels) != list(meta["labels"]):
             raise ValueError(f"{directory}: its label set differs from task {task.name!r}'s: {meta['labels']}")
         return cls(model, processor, ckpt.sampling_spec_of(directory), task, constrained)
@@ -214,9 +211,9 @@ class Predictor:
         cls,
         source: str,
         spec: SamplingSpec,
+        task: Task | str,
         quantization: str = "none",
         constrained=True,
-        task: Task | str = "operations",
     ) -> Predictor:
         """The base model without an adapter (the zero-shot baseline)."""
         from opsvlm.model.build import ModelConfig, load_base_model, load_processor
@@ -233,10 +230,10 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, examples: Sequence[Any]) -> list[Any | None]:
-        """Predict a batch of task inputs (e.g. :class:`ClipInput`) in one ``generate`` call.
+        """Predict a batch of task inputs (the task's input type) in one ``generate`` call.
 
         Returns:
-            One answer per input (:class:`Prediction` for clips); ``None`` only in unconstrained mode, for an answer
+            One answer per input (the task's answer type); ``None`` only in unconstrained mode, for an answer
             that does not parse.
         """
         if not examples:

@@ -6,9 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opsvlm.inference import AnswerConstraint, ClipInput, Predictor, time_choices
+from opsvlm.inference import AnswerConstraint, Predictor
 from opsvlm.model.build import ModelConfig, load_base_model, load_processor
-from opsvlm.tasks.operations import LABEL_NAMES, OperationsTask, parse_answer, target_text
+from opsvlm.tasks.operations import LABEL_NAMES, ClipInput, OperationsTask, parse_answer, target_text, time_choices
 from opsvlm.testing.tiny import ensure_tiny_model
 from opsvlm.video.sampling import SamplingSpec
 
@@ -21,7 +21,8 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(tiny_dir):
     model = load_base_model(ModelConfig(name=tiny_dir, quantization="none", compute_dtype="float32")).eval()
-    return Predictor(model, load_processor(tiny_dir), SamplingSpec(frames_per_clip=4, max_pixels=56 * 56))
+    spec = SamplingSpec(frames_per_clip=4, max_pixels=56 * 56)
+    return Predictor(model, load_processor(tiny_dir), spec, task="operations")
 
 
 def test_slot_tokenization_equals_whole_answer_tokenization(predictor):
