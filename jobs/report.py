@@ -1,12 +1,14 @@
-"""Run the README main command on several seeds from an empty model cache, store each run's summary, and regenerate
-the README's figures from the stored summaries (never typed by hand).
+"""Run an end-to-end job on several seeds from an empty model cache, store each run's summary, and regenerate the
+README's figures from the stored summaries (never typed by hand).
 
-    python jobs/report.py run --seeds 0 1 2      # each seed: a new workdir, MLflow store and model cache
-    python jobs/report.py render                 # README tables between <!-- figures:NAME --> markers
+    python jobs/report.py run --seeds 0 1 2                     # the main job (jobs/pipeline.py)
+    python jobs/report.py run --job inspection --seeds 0        # jobs/inspection_pipeline.py
+    python jobs/report.py render                                # README blocks between <!-- figures:NAME --> markers
 
-``run`` writes ``reports/main_job/seed<k>.json``: the job's final JSON line, the stored test and validation
-evaluation summaries (split, role, n, groups, intervals, seed, commit), the wall time and the console line count.
-``render`` rewrites only the marked blocks of README.md from those files.
+Each seed runs in a new workdir with a new MLflow store and an empty model cache. ``run`` writes
+``reports/<job>/seed<k>.json``: the job's final JSON line, the stored validation and test evaluation summaries
+(split, role, n, groups, intervals, seed, commit), the wall time and the console. ``render`` rewrites only the marked
+blocks of README.md: ``<job>-seeds`` (one row per seed) and ``<job>-systems`` (every system of the first seed).
 """
 
 from __future__ import annotations
@@ -21,23 +23,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REPORTS = REPO / "reports" / "main_job"
+REPORTS = REPO / "reports"
 README = REPO / "README.md"
-SYSTEMS = ("fine-tuned", "majority", "fine-tuned+whole-clip", "fine-tuned+grammar", "untrained-base", "free-generation")
-METRICS = ("weighted_score", "oca", "tiou_at_0_5", "boundary_tiou_at_0_5", "aa_at_1")
+JOBS = {"pipeline": "pipeline.py", "inspection": "inspection_pipeline.py"}
 
 
-def run(seeds: list[int], extra: list[str]) -> None:
-    """Run ``jobs/pipeline.py`` once per seed in a fresh workdir with an empty model cache; store the summaries."""
+def run(job: str, seeds: list[int], extra: list[str]) -> None:
+    """Run the job once per seed in a fresh workdir with an empty model cache; store the summaries."""
     import mlflow
 
-    REPORTS.mkdir(parents=True, exist_ok=True)
+    out = REPORTS / job
+    out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         with tempfile.TemporaryDirectory(prefix=f"report-seed{seed}-") as tmp:
             tmp = Path(tmp)
             uri = f"sqlite:///{tmp / 'mlflow.db'}"
             env = {**os.environ, "OPSVLM_CACHE_DIR": str(tmp / "cache"), "MLFLOW_TRACKING_URI": uri}
-            command = [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--workdir", str(tmp / "work"),
+            command = [sys.executable, str(REPO / "jobs" / JOBS[job]), "--workdir", str(tmp / "work"),
                        f"seed={seed}", f"tracking_uri={uri}", *extra]  # fmt: skip
             started = time.perf_counter()
             done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, check=False)
@@ -55,47 +57,54 @@ def run(seeds: list[int], extra: list[str]) -> None:
                 evaluations[key.split("_")[0]] = json.loads(Path(local).read_text())
             record = {"seed": seed, "wall_s": round(wall, 1), "console_lines": len(lines), "job": summary,
                       "evaluations": evaluations, "console": lines}  # fmt: skip
-            (REPORTS / f"seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
-            print(f"seed {seed}: {wall:.0f} s, test weighted {summary['test_weighted_score']:.3f} "
-                  f"{summary['test_weighted_score_ci95']}, majority {summary['majority_test_weighted_score']:.3f}")  # fmt: skip
+            (out / f"seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"{job} seed {seed}: {wall:.0f} s, {json.dumps({k: v for k, v in summary.items() if 'test' in k})}")
 
 
 def _cell(value: float, ci: list[float] | None) -> str:
     return f"{value:.3f}" if not ci else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def tables() -> dict[str, str]:
-    """The README blocks, from the stored summaries."""
-    records = [json.loads(p.read_text()) for p in sorted(REPORTS.glob("seed*.json"))]
+def tables(job: str) -> dict[str, str]:
+    """The README blocks of one job, from its stored summaries."""
+    from opsvlm.tasks.base import get_task
+
+    records = [json.loads(p.read_text()) for p in sorted((REPORTS / job).glob("seed*.json"))]
     if not records:
-        raise SystemExit(f"no stored summaries in {REPORTS}: run `python jobs/report.py run` first")
-    seeds = ["| seed | commit | val weighted (n) | test weighted [95% CI] | majority (test) | beats majority | "
-             "boundary tIoU@0.5 (n) | promoted | wall s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        return {}
+    first = records[0]["evaluations"]["test"]
+    task = get_task(first["task"])
+    h = task.headline_metric
+    baseline = "type-majority" if "type-majority" in first["table"] else "majority"
+    seeds = [f"| seed | commit | val {h} (n) | test {h} [95% CI] | {baseline} (test) | CI above it | promoted | "
+             "job wall s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
         test, val = r["evaluations"]["test"], r["evaluations"]["val"]
-        job, model = r["job"], test["table"]["fine-tuned"]
-        low = test["intervals"]["fine-tuned"]["weighted_score"][0]
-        majority = test["table"]["majority"]["weighted_score"]
+        low = test["intervals"]["fine-tuned"][h][0]
+        reference = test["table"][baseline][h]
         seeds.append(
-            f"| {r['seed']} | {test['commit']} | {val['metrics']['weighted_score']:.3f} ({val['n']}) | "
-            f"{_cell(model['weighted_score'], test['intervals']['fine-tuned']['weighted_score'])} | {majority:.3f} | "
-            f"{'yes' if low > majority else 'no'} | {model['boundary_tiou_at_0_5']:.3f} "
-            f"({int(model['n_boundary_clips'])}) | {job['promoted']} | {r['wall_s']:.0f} |"
+            f"| {r['seed']} | {test['commit']} | {val['metrics'][h]:.3f} ({val['n']}) | "
+            f"{_cell(test['metrics'][h], test['intervals']['fine-tuned'][h])} | {reference:.3f} | "
+            f"{'yes' if low > reference else 'no'} | {r['job']['promoted']} | {r['wall_s']:.0f} |"
         )
-    first = records[0]["evaluations"]["test"]
-    head = f"Test split (report only): n = {first['n']} clips in {first['groups']} resampling groups, seed {records[0]['seed']}, commit {first['commit']}."  # noqa: E501
-    systems = [head, "", "| system | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name in SYSTEMS:
-        if name in first["table"]:
-            values, cis = first["table"][name], first["intervals"].get(name, {})
-            systems.append(f"| {name} | " + " | ".join(_cell(values[m], cis.get(m)) for m in METRICS) + " |")
-    return {"seeds": "\n".join(seeds), "systems": "\n".join(systems)}
+    head = (
+        f"Test split (report only), seed {records[0]['seed']}, commit {first['commit']}: n = {first['n']} "
+        f"{task.unit} in {first['groups']} resampling groups; 95% intervals by group bootstrap ({first['n_boot']} "
+        "resamples)."
+    )
+    metrics = task.table_metrics
+    systems = [head, "", "| system | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, values in first["table"].items():
+        cis = first["intervals"].get(name, {})
+        systems.append(f"| {name} | " + " | ".join(_cell(values[m], cis.get(m)) for m in metrics) + " |")
+    return {f"{job}-seeds": "\n".join(seeds), f"{job}-systems": "\n".join(systems)}
 
 
 def render() -> None:
-    """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block of the README."""
+    """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block of the README that has data."""
     text = README.read_text()
-    for name, block in tables().items():
+    blocks = {name: block for job in JOBS for name, block in tables(job).items()}
+    for name, block in blocks.items():
         start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
         if start not in text or end not in text:
             raise SystemExit(f"README.md has no {start} ... {end} block")
@@ -103,19 +112,20 @@ def render() -> None:
         _, after = rest.split(end, 1)
         text = f"{before}{start}\n{block}\n{end}{after}"
     README.write_text(text)
-    print(f"README.md: figures regenerated from {len(list(REPORTS.glob('seed*.json')))} stored summaries")
+    print(f"README.md: {len(blocks)} figure blocks regenerated from the stored summaries in {REPORTS}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    runs = sub.add_parser("run", help="run the main job per seed and store the summaries")
+    runs = sub.add_parser("run", help="run a job per seed and store the summaries")
+    runs.add_argument("--job", choices=sorted(JOBS), default="pipeline")
     runs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     runs.add_argument("overrides", nargs="*", help="extra jobs/pipeline.py overrides")
     sub.add_parser("render", help="regenerate the README figures from the stored summaries")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.seeds, args.overrides)
+        run(args.job, args.seeds, args.overrides)
     render()
     return 0
 
