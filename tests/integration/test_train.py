@@ -121,7 +121,14 @@ def test_two_worker_run_logs_to_mlflow_server_and_checkpoint_serves(
         "sampling_spec.json",
         "train_config.json",
         "contact_sheet.png",
+        ckpt.COMPLETE_MARKER,
     } <= artifacts, artifacts
+    # What a model version is made of: adapter, processor, model.json; no optimizer, RNG or trainer state.
+    assert {p.split("/")[1] for p in artifacts if p.startswith("checkpoint/")} == set(ckpt.REGISTERED_FILES)
+    assert ckpt.upload_complete(client, result.run_id)
+    # fp32: no loss scaling, no skipped steps
+    assert result.metrics["skipped_steps"] == 0 and "loss_scale" not in result.metrics
+    assert result.metrics["planned_steps"] == 6 and not client.get_metric_history(result.run_id, "loss_scale")
     downloaded = client.download_artifacts(result.run_id, "checkpoint/adapter/adapter_model.safetensors", tmp_path)
     final = Path(result.checkpoint_dir)
     assert Path(downloaded).read_bytes() == (final / ckpt.ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
@@ -244,3 +251,222 @@ def test_train_job_rejects_zero3_with_nf4_before_starting(ray_local, prepared_cl
         job.main(argv)
     assert "ZeRO-2" in str(error.value)  # the message says what to use instead
     assert not storage.exists() and not (tmp_path / "mlflow").exists()
+
+
+class MlflowServer:
+    """An ``mlflow server`` on one port and SQLite store that can be stopped and started again (an outage)."""
+
+    def __init__(self, root: Path) -> None:
+        from opsvlm.testing.processes import free_port
+
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+
+        from opsvlm.testing.processes import healthy
+
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log = (self.root / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        while not healthy(self.url):
+            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        from opsvlm.testing.processes import stop_process
+
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def last_value_per_step(client, run_id: str, key: str) -> dict[int, float]:
+    """A metric's history, one value per step: the latest (a step redone after a restart counts once)."""
+    values: dict[int, float] = {}
+    for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+        values[metric.step] = metric.value
+    return values
+
+
+def test_a_killed_and_resumed_fp16_run_repeats_the_uninterrupted_loss_curve(
+    ray_local, mlflow_server, prepared_clips, tiny_model_dir, tmp_path
+):
+    """fp16 on CPU (autocast + GradScaler, the T4 preset's numerics), grad_accum 3 over 7 rows per worker (steps of
+    3 + 3 + 1 micro-batches: an epoch tail), LoRA dropout (the RNG state matters), a worker killed mid-epoch: the
+    resumed run's loss at every step equals the uninterrupted run's."""
+    from mlflow import MlflowClient
+
+    def config(storage: Path, kill_at: int | None) -> TrainConfig:
+        base = train_config(prepared_clips, tiny_model_dir, storage, mlflow_server)
+        return dataclasses.replace(
+            base,
+            model=dataclasses.replace(
+                base.model, compute_dtype="float16", lora=dataclasses.replace(base.model.lora, dropout=0.1)
+            ),
+            optim=dataclasses.replace(base.optim, grad_accum=3, epochs=2, max_steps=None),
+            checkpoint_every_steps=2,
+            kill_worker_at_step=kill_at,
+            max_failures=1 if kill_at else 0,
+        )
+
+    rows = len(read_rows(prepared_clips, "train"))
+    per_worker = rows // 2
+    steps_per_epoch = math.ceil(per_worker / 3)
+    planned = 2 * steps_per_epoch
+    assert per_worker % 3, "the fixture must leave an epoch tail"
+    kill_at = steps_per_epoch + 2  # mid-epoch 1, after the checkpoint of step steps_per_epoch + 1 or + 2
+
+    killed = fit(config(tmp_path / "killed", kill_at))
+    assert list((tmp_path / "killed").glob("train-*.killed")), "the worker did not die"
+    clean = fit(config(tmp_path / "clean", None))
+    assert killed.steps == clean.steps == planned == killed.metrics["planned_steps"]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    resumed_curve = last_value_per_step(client, killed.run_id, "train_loss")
+    clean_curve = last_value_per_step(client, clean.run_id, "train_loss")
+    assert sorted(resumed_curve) == sorted(clean_curve) == list(range(1, planned + 1))
+    for step in clean_curve:
+        assert resumed_curve[step] == pytest.approx(clean_curve[step], rel=1e-5), (step, resumed_curve, clean_curve)
+    # The fp16 machinery, logged per step: the loss scale and the skipped-step count.
+    scales = last_value_per_step(client, killed.run_id, "loss_scale")
+    skipped = last_value_per_step(client, killed.run_id, "skipped_steps")
+    assert sorted(scales) == sorted(skipped) == list(range(1, planned + 1))
+    assert all(v > 0 for v in scales.values()) and killed.metrics["loss_scale"] == scales[planned]
+    assert killed.metrics["skipped_steps"] == skipped[planned] == clean.metrics["skipped_steps"]
+    assert ckpt.read_model_meta(killed.checkpoint_dir)["compute_dtype"] == "float16"
+
+
+def test_resume_after_the_driver_was_killed_continues_the_same_mlflow_run(
+    ray_local, mlflow_server, prepared_clips, tiny_model_dir, tmp_path, capsys
+):
+    import subprocess
+    import sys
+
+    import ray
+    from mlflow import MlflowClient
+
+    storage = tmp_path / "ray"
+    experiment = "test-train-driver-death"
+    overrides = [
+        f"data.prepared={prepared_clips}",
+        f"model.name={tiny_model_dir}",
+        "model.lora.modules_to_save=[]",
+        "model.lora.rank=8",
+        "optim.micro_batch=1",
+        "optim.max_steps=4",
+        "checkpoint_every_steps=2",
+        f"storage_path={storage}",
+        f"tracking.tracking_uri={mlflow_server}",
+        f"tracking.experiment={experiment}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    driver = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train.py"),
+            "--config",
+            str(REPO / "jobs" / "configs" / "tiny_cpu.yaml"),
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            *overrides,
+            "kill_driver_at_step=2",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert driver.returncode == -9, driver.stderr[-3000:]  # SIGKILLed after the step-2 checkpoint
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "RUNNING" and not ckpt.upload_complete(client, run.info.run_id)
+
+    job = _load_train_job()
+    assert job.main(["--resume", run.info.run_id, f"tracking.tracking_uri={mlflow_server}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["mlflow_run_id"] == run.info.run_id
+    assert summary["steps"] == summary["planned_steps"] == 4
+    assert summary["compute_dtype"] == "float32" and summary["loss_scale"] is None and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["final_loss"])
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    counts = Counter(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert set(counts) == {1, 2, 3, 4} and counts[1] == counts[2] == 1, counts  # steps 1-2 were not redone
+    assert ckpt.upload_complete(client, run.info.run_id)
+
+
+def test_an_mlflow_outage_during_training_does_not_fail_the_run(
+    ray_local, prepared_clips, tiny_model_dir, tmp_path_factory, tmp_path
+):
+    """The tracking server is stopped after the first checkpoint and started again once a later one exists: rank 0
+    keeps the metrics it could not write and writes them afterwards; no worker dies, nothing is lost."""
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    server = MlflowServer(tmp_path_factory.mktemp("outage_server"))
+    server.start()
+    storage = tmp_path / "ray"
+    config = train_config(prepared_clips, tiny_model_dir, storage, server.url)
+    config = dataclasses.replace(
+        config,
+        optim=dataclasses.replace(config.optim, max_steps=8),
+        checkpoint_every_steps=2,
+        keep_checkpoints=10,
+        tracking=dataclasses.replace(config.tracking, log_every_steps=1, log_system_metrics=False),
+    )
+    events: list[str] = []
+
+    def outage() -> None:
+        def checkpoints() -> int:
+            return len(list(storage.glob("train-*/checkpoint_*")))
+
+        while checkpoints() < 1:
+            time.sleep(0.5)
+        server.stop()
+        events.append("stopped")
+        seen, stopped_at = checkpoints(), time.monotonic()
+        while checkpoints() == seen and time.monotonic() - stopped_at < 60:
+            time.sleep(0.5)  # until a checkpoint was written (its metric flush failed) or a minute passed
+        server.start()
+        events.append("started")
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = fit(config)
+        thread.join(timeout=120)
+        client = MlflowClient(tracking_uri=server.url)
+        history = client.get_metric_history(result.run_id, "train_loss")
+        status = client.get_run(result.run_id).info.status
+        complete = ckpt.upload_complete(client, result.run_id)
+    finally:
+        server.stop()
+    assert events == ["stopped", "started"]
+    assert result.steps == 8
+    assert sorted(m.step for m in history) == list(range(1, 9))  # every step written once, none lost
+    assert status == "FINISHED" and complete
