@@ -18,9 +18,9 @@ from opsvlm.tasks.inspection_detect.detector import (
     DetectorError,
     UnmappedClassError,
     check_image,
-    load_detector,
 )
 from opsvlm.tasks.inspection_detect.export import image_record, write_predictions_yaml, yolo_prediction_lines
+from opsvlm.tasks.inspection_detect.load import load_detector
 
 
 def test_default_mapping_accepts_types_and_condition_classes():

@@ -6,7 +6,7 @@ class names is. It is checked when the detector loads: a class name without a ma
 the mapping's keys), never a silently dropped box. The default mapping accepts the 4 types themselves and the 9
 condition class names (a detector trained on the un-collapsed export), ignoring case, ``-``, ``_`` and spacing.
 
-Backends implement :class:`Detector`; :func:`load_detector` picks one from a :class:`DetectorConfig` (today the
+Backends implement :class:`Detector`; :func:`.load.load_detector` picks one from a :class:`DetectorConfig` (today the
 Ultralytics backend, imported only when a detector is loaded).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -253,22 +252,3 @@ def check_image(image: Any, name: str = "image") -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise DetectorError(f"{name}: empty image {list(image.shape)}")
     return image
-
-
-def load_detector(config: DetectorConfig) -> Detector:
-    """Load the detector a config names (the backend is imported here, not at module import).
-
-    Raises:
-        DetectorError: no weights, a missing file, an unsupported suffix, or a class without an object type.
-        ImportError: the backend is not installed (``pip install 'opsvlm[detect]'``).
-    """
-    if not config.weights:
-        raise DetectorError("detector.weights: no detector checkpoint given (a .pt or .onnx file)")
-    path = Path(config.weights)
-    if not path.is_file():
-        raise DetectorError(f"detector.weights: {path} does not exist")
-    if path.suffix.lower() not in (".pt", ".onnx"):
-        raise DetectorError(f"detector.weights: {path} must be an Ultralytics .pt checkpoint or an .onnx export")
-    from opsvlm.tasks.inspection_detect.ultralytics_backend import UltralyticsDetector
-
-    return UltralyticsDetector(config)

@@ -248,7 +248,7 @@ def evaluate_system(config: SystemEvalConfig) -> dict[str, Any]:
     from opsvlm.data.yolo import read_dataset
     from opsvlm.inference import Predictor
     from opsvlm.registry import resolve_model
-    from opsvlm.tasks.inspection_detect.detector import load_detector
+    from opsvlm.tasks.inspection_detect.load import load_detector
     from opsvlm.tasks.inspection_detect.system import vlm_classifier
     from opsvlm.tasks.inspection_detect_ray.batch import BatchDetectConfig, detector_config
     from opsvlm.tracking import resolve_tracking_uri
