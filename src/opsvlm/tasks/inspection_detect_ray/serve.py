@@ -41,8 +41,8 @@ from opsvlm.tasks.inspection_detect.detector import (
     DetectorConfig,
     DetectorError,
     check_image,
-    load_detector,
 )
+from opsvlm.tasks.inspection_detect.load import load_detector
 from opsvlm.tasks.inspection_detect_ray.registry import read_meta, resolve_detector
 
 
