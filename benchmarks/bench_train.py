@@ -225,7 +225,7 @@ def plain_loop(
     wall, cpu, losses, stamps = [time.perf_counter()], [time.process_time()], [], [time.time()]
     for step in range(total):
         rows = table.slice((step * shards + shard) * optim.micro_batch, optim.micro_batch).to_pylist()
-        batch = collate([encode_row(processor, r) for r in rows], pad_id)
+        batch = collate([encode_row(processor, r, "operations") for r in rows], pad_id)
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         if not torch.isfinite(loss):

@@ -144,7 +144,8 @@ def test_two_worker_run_logs_to_mlflow_server_and_checkpoint_serves(
     model = build.load_for_inference(tiny_model_dir, final / ckpt.ADAPTER_DIR, model_config)
     base = build.load_base_model(model_config).eval()
     processor = build.load_processor(final / ckpt.PROCESSOR_DIR)
-    batch = collate([encode_row(processor, read_rows(prepared_clips, "val")[0])], processor.tokenizer.pad_token_id)
+    row = read_rows(prepared_clips, "val")[0]
+    batch = collate([encode_row(processor, row, "operations")], processor.tokenizer.pad_token_id)
     with torch.no_grad():
         tuned, plain = model(**batch).logits, base(**batch).logits
     assert torch.isfinite(tuned).all()

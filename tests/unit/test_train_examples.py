@@ -96,7 +96,7 @@ def test_encode_row_targets_the_clip_labels_and_the_real_frame_rate(processor) -
         "temporal_segment": [0.25, 3.95],
         "next_operation": "Attach Box Label",
     }
-    example = encode_row(processor, row)
+    example = encode_row(processor, row, "operations")
     text = processor.tokenizer.decode(unmasked(example))
     assert text == target_text("Close Box", 0.25, 3.95, "Attach Box Label") + END_OF_TURN
     assert parse_answer(text, 4.0).operation == "Close Box"

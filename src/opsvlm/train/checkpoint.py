@@ -26,6 +26,29 @@ import torch
 
 from opsvlm.video.sampling import SamplingSpec
 
+__all__ = [
+    "ADAPTER_DIR",
+    "CHECKPOINT_FORMAT",
+    "COMPLETE_MARKER",
+    "CONFIG_FILE",
+    "DEEPSPEED_DIR",
+    "MODEL_FILE",
+    "PROCESSOR_DIR",
+    "REGISTERED_FILES",
+    "RNG_DIR",
+    "STATE_FILE",
+    "completion_marker",
+    "load_rng_state",
+    "load_trainer_state",
+    "read_model_meta",
+    "sampling_spec_of",
+    "save_model_files",
+    "save_rng_state",
+    "save_trainer_state",
+    "upload_complete",
+    "verify_adapter",
+]
+
 CHECKPOINT_FORMAT = "opsvlm-checkpoint/1"
 ADAPTER_DIR = "adapter"
 PROCESSOR_DIR = "processor"

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from opsvlm.model.build import ModelConfig, check_zero_compat
 from opsvlm.types import OPTIMIZERS
 
+__all__ = ["DataSettings", "OptimSettings", "ScalingSettings", "TrackingSettings", "TrainConfig"]
+
 
 @dataclass(frozen=True)
 class DataSettings:

@@ -15,6 +15,18 @@ import torch
 
 from opsvlm.tasks.base import Task, get_task
 
+__all__ = [
+    "END_OF_TURN",
+    "IGNORE_INDEX",
+    "MEDIA_KEYS",
+    "TOKEN_KEYS",
+    "collate",
+    "encode_row",
+    "encode_training_example",
+    "model_inputs",
+    "prompt_text",
+]
+
 IGNORE_INDEX = -100  # label value the loss skips
 END_OF_TURN = "<|im_end|>\n"
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "labels")
@@ -65,7 +77,7 @@ def encode_training_example(processor, task: Task, example: Any, answer: str) ->
     return dict(inputs)
 
 
-def encode_row(processor, row: Mapping[str, Any], task: Task | str = "operations") -> dict:
+def encode_row(processor, row: Mapping[str, Any], task: Task | str) -> dict:
     """A prepared dataset row as a supervised example of ``task``."""
     task = get_task(task) if isinstance(task, str) else task
     return encode_training_example(processor, task, task.input_of(row), task.target_of(row))

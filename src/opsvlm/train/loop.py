@@ -138,7 +138,9 @@ def fit(
 
     manifest = read_manifest(config.data.prepared)
     spec = SamplingSpec(**manifest["sampling_spec"])
-    task = get_task(manifest.get("task", "operations"))
+    if "task" not in manifest:
+        raise ValueError(f"{Path(config.data.prepared) / 'manifest.json'}: no 'task' field; prepare the data again")
+    task = get_task(manifest["task"])
     # class imbalance: per-class loss weights and/or oversampling, from the training split's class counts
     class_counts = Counter(task.class_of(r) for r in label_rows(config.data.prepared, config.data.train_split, task))
     class_weights = None

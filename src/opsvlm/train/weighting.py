@@ -20,6 +20,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+__all__ = [
+    "IGNORE_INDEX",
+    "WEIGHT_SCHEMES",
+    "class_weights",
+    "oversampled_indices",
+    "oversampling_factors",
+    "weighted_answer_loss",
+]
+
 WEIGHT_SCHEMES = ("none", "inverse_frequency", "sqrt_inverse")
 IGNORE_INDEX = -100  # label value the loss skips (as in opsvlm.train.examples)
 
