@@ -31,6 +31,12 @@ from opsvlm.tasks.base import Task, get_task
 from opsvlm.train.examples import END_OF_TURN, model_inputs, prompt_text
 from opsvlm.video.sampling import SamplingSpec
 
+__all__ = [
+    "AnswerConstraint",
+    "Predictor",
+    "label_probabilities",
+]
+
 
 class AnswerConstraint:
     """``LogitsProcessor`` that lets ``generate`` produce only valid answers (see the module docstring).

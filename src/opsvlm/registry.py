@@ -40,6 +40,28 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "CHECKPOINT_ARTIFACT",
+    "DEFAULT_NAME",
+    "EVAL_SPLIT_TAG",
+    "EXAMPLES_ARTIFACT",
+    "METRIC_PREFIX",
+    "SUMMARY_ARTIFACT",
+    "TRAIN_RUN_TAG",
+    "Decision",
+    "EvalResult",
+    "ModelRefError",
+    "PromotionError",
+    "describe_model",
+    "promote",
+    "read_eval",
+    "register_version",
+    "resolve_model",
+    "score_metric",
+]
+
 DEFAULT_NAME = "opsvlm"
 CHECKPOINT_ARTIFACT = "checkpoint"  # artifact path of the final checkpoint in a training run (train/loop.py: fit)
 CHAMPION = "champion"

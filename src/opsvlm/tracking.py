@@ -15,6 +15,20 @@ from typing import Any, TypeVar
 
 from opsvlm.config import flatten
 
+__all__ = [
+    "DEFAULT_STORE_DIR",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
+    "MAX_PARAM_LENGTH",
+    "MetricBuffer",
+    "T",
+    "call_with_retry",
+    "config_params",
+    "ensure_experiment",
+    "resolve_tracking_uri",
+    "runs_page",
+]
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 

@@ -13,6 +13,12 @@ import pyarrow as pa
 from opsvlm.inference import Predictor
 from opsvlm.video.sampling import SamplingSpec
 
+__all__ = [
+    "ANSWER_SCHEMA",
+    "PredictBatch",
+    "predict_dataset",
+]
+
 ANSWER_SCHEMA = pa.schema(
     [("example_id", pa.string()), ("valid", pa.bool_()), ("answer", pa.string()), ("text", pa.string())]
 )

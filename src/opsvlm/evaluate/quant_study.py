@@ -45,6 +45,22 @@ import numpy as np
 from opsvlm.model import quant
 from opsvlm.train.config import TrackingSettings
 
+__all__ = [
+    "DEFAULT_RETENTION_METRICS",
+    "SIZE_KEYS",
+    "TABLE_COLUMNS",
+    "QuantStudyConfig",
+    "add_comparisons",
+    "examples_id",
+    "format_table",
+    "model_sizes",
+    "quantizable_linears",
+    "quantization_study",
+    "read_examples",
+    "run_mode",
+    "table_rows",
+]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "oca", "aa_at_1", "tiou_at_0_5", "mean_tiou")

@@ -35,6 +35,31 @@ from opsvlm.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_
 from opsvlm.tasks.base import Task, register_task
 from opsvlm.video.sampling import SamplingSpec
 
+__all__ = [
+    "ANSWER_PARTS",
+    "CLASSES_OF_TYPE",
+    "CLOSEUP_MARGIN",
+    "DEAD_ZONE",
+    "MAX_OTHERS",
+    "NON_VEGETATION_CLASSES",
+    "OVERLAP_FRACTION",
+    "ConditionAnswer",
+    "InspectionTask",
+    "ObjectInput",
+    "allowed_classes",
+    "compute_metrics",
+    "default_thickness",
+    "instruction",
+    "mark_target",
+    "object_input",
+    "parse_answer",
+    "render_closeup",
+    "render_input",
+    "resize_image",
+    "spatial_relation",
+    "target_text",
+]
+
 Box = tuple[float, float, float, float]
 
 # The answer's fixed pieces around the label slot; each falls on a pre-tokenizer boundary of Qwen's tokenizer

@@ -29,6 +29,14 @@ import yaml
 from opsvlm.data.yolo import OBJECT_TYPES, class_condition, read_data_yaml, read_dataset
 from opsvlm.tasks.inspection_detect.detector import DetectorError, normalise_name
 
+__all__ = [
+    "SUMMARY_FILE",
+    "DetectionDataset",
+    "default_collapse",
+    "write_detection_dataset",
+    "yolo_box_row",
+]
+
 SUMMARY_FILE = "detection_summary.json"
 
 

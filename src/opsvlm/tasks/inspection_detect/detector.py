@@ -21,6 +21,19 @@ import numpy as np
 
 from opsvlm.data.yolo import CONDITION_CLASSES, OBJECT_TYPES, StageOneDetection, class_condition, object_type_of
 
+__all__ = [
+    "BACKENDS",
+    "ClassMapping",
+    "Detection",
+    "Detector",
+    "DetectorConfig",
+    "DetectorError",
+    "UnmappedClassError",
+    "check_image",
+    "default_class_map",
+    "normalise_name",
+]
+
 Box = tuple[float, float, float, float]
 
 

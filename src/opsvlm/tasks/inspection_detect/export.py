@@ -19,6 +19,12 @@ import yaml
 from opsvlm.data.yolo import OBJECT_TYPES
 from opsvlm.tasks.inspection_detect.detector import Detection
 
+__all__ = [
+    "image_record",
+    "write_predictions_yaml",
+    "yolo_prediction_lines",
+]
+
 
 def image_record(image: str, width: int, height: int, detections: Sequence[Detection]) -> dict[str, Any]:
     """One image's detections as JSON-ready data (boxes normalised; pixel boxes too, for convenience)."""

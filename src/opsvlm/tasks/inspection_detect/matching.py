@@ -18,6 +18,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = [
+    "COCO_IOUS",
+    "ImageBoxes",
+    "as_boxes",
+    "average_precision",
+    "box_iou",
+    "detection_map",
+    "image_hits",
+    "map_from_hits",
+    "match_boxes",
+]
+
 COCO_IOUS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
 

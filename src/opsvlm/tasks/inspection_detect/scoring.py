@@ -18,6 +18,15 @@ import numpy as np
 from opsvlm.data.yolo import LabelledImage
 from opsvlm.tasks.inspection_detect.matching import COCO_IOUS, ImageBoxes, image_hits, map_from_hits
 
+__all__ = [
+    "bootstrap_map",
+    "detector_boxes",
+    "flat_map_metrics",
+    "load_rgb",
+    "prior_boxes",
+    "truth_boxes",
+]
+
 
 def load_rgb(path: str) -> np.ndarray:
     """uint8[H, W, 3] RGB pixels of an image file."""

@@ -33,6 +33,22 @@ import numpy as np
 from opsvlm.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_condition
 from opsvlm.tasks.inspection_detect.matching import as_boxes, match_boxes
 
+__all__ = [
+    "BACKGROUND",
+    "ImageOutcome",
+    "PredictedObject",
+    "StageTimes",
+    "TrueObject",
+    "bootstrap_intervals",
+    "match_outcome",
+    "perfect_stage_one",
+    "run_two_stage",
+    "system_metrics",
+    "type_majority",
+    "vlm_classifier",
+    "with_classes",
+]
+
 BACKGROUND = "background"
 Box = tuple[float, float, float, float]
 

@@ -30,6 +30,22 @@ import numpy as np
 
 from opsvlm.tasks.inspection_detect.detector import ClassMapping, Detection, DetectorConfig, DetectorError, check_image
 
+__all__ = [
+    "DEFAULT_IMGSZ",
+    "FONTS",
+    "OFFLINE_SETTINGS",
+    "UltralyticsDetector",
+    "YoloTrainResult",
+    "YoloTrainSettings",
+    "build_model",
+    "configure_offline",
+    "default_config_dir",
+    "export_onnx",
+    "resolve_device",
+    "train_yolo",
+    "ultralytics_val",
+]
+
 #: Ultralytics settings forced by :func:`configure_offline`.
 OFFLINE_SETTINGS: dict[str, Any] = {
     "sync": False,

@@ -20,6 +20,14 @@ from opsvlm.tasks.operations.labels import NULL, operation_by_id
 if TYPE_CHECKING:
     from opsvlm.data.openpack import SessionTimeline
 
+__all__ = [
+    "grammar_predictions",
+    "majority_predictions",
+    "most_frequent_successor",
+    "successor_counts",
+    "whole_clip_segment",
+]
+
 
 def successor_counts(timelines: Iterable[SessionTimeline]) -> dict[str, Counter]:
     """How often each operation is followed by each other operation (Null gaps and repeats skipped).

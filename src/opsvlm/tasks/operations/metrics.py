@@ -48,6 +48,21 @@ from opsvlm.metrics import (
 )
 from opsvlm.tasks.operations.labels import LABEL_NAMES, OPERATIONS
 
+__all__ = [
+    "BOUNDARY_TOLERANCE_S",
+    "CONFUSION_COLUMNS",
+    "OPERATION_NAMES",
+    "TIOU_THRESHOLD",
+    "WEIGHTS",
+    "ClipPrediction",
+    "ClipTruth",
+    "compute_metrics",
+    "confusion_matrices",
+    "segment_iou",
+    "segment_ious",
+    "weighted_score",
+]
+
 _T = TypeVar("_T")
 
 CONFUSION_COLUMNS: tuple[str, ...] = (*LABEL_NAMES, INVALID)
@@ -288,7 +303,6 @@ def compute_metrics(
         "mean_tiou": float(np.mean(ious)),
         "n_boundary_clips": float(boundary.sum()),
         "boundary_tiou_at_0_5": float(np.mean(ious[boundary] >= TIOU_THRESHOLD)) if boundary.any() else math.nan,
-        "boundary_mean_tiou": float(np.mean(ious[boundary])) if boundary.any() else math.nan,
         "boundary_mean_tiou": float(np.mean(ious[boundary])) if boundary.any() else math.nan,
         "aa_at_1": accuracy(true_next, pred_next),
         "aa_class_mean_recall": float(np.nanmean(next_recall)),

@@ -10,6 +10,11 @@ import numpy as np
 from opsvlm.tasks.operations.labels import LABEL_NAMES
 from opsvlm.tasks.operations.metrics import CONFUSION_COLUMNS
 
+__all__ = [
+    "confusion_png",
+    "per_class_png",
+]
+
 
 def confusion_png(matrix: np.ndarray, title: str, path: Path) -> None:
     """A confusion matrix as a heat map.

@@ -28,6 +28,22 @@ from opsvlm.tasks.operations.labels import (
 from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics, confusion_matrices
 from opsvlm.tasks.operations.plots import confusion_png, per_class_png
 
+__all__ = [
+    "ANSWER_KEYS",
+    "ANSWER_PARTS",
+    "BOOTSTRAP_BLOCK_S",
+    "TIME_STEP",
+    "ClipInput",
+    "OperationsTask",
+    "Prediction",
+    "instruction",
+    "parse_answer",
+    "sampled_fps",
+    "target_text",
+    "time_choices",
+    "video_metadata",
+]
+
 BOOTSTRAP_BLOCK_S = 30.0
 """Length of the contiguous blocks of clips that bootstrap intervals resample (see ``OperationsTask.group_of``)."""
 
