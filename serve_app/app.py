@@ -4,6 +4,7 @@ Deployments::
 
     HTTP -> Ingress (FastAPI: validation, uploads, limits, load shedding)
               |-- Decoder (only with separate_decoder: decode + sample frames with the model's SamplingSpec)
+              |-- Detector (only with detector.ref: the inspection task's stage 1, batched on its own)
               '-- Predictor (holds the model, batches queued work, GPU when available, follows the registry alias)
 
 * ``Ingress`` serves :func:`opsvlm.serving.create_app` (the same API as the plain-FastAPI baseline). Without a
@@ -26,10 +27,20 @@ Deployments::
   With several replicas each polls on its own, so for up to ``poll_interval_s`` they may answer with different
   versions. The swap briefly holds two models in memory (on a GPU: plan for it).
 
+* ``Detector`` (``detector.ref`` set, e.g. ``models:/opsvlm-detector@champion``): the inspection task's stage-1 YOLO
+  detector (:class:`opsvlm.tasks.inspection_detect_ray.serve.DetectorServer`) in its own deployment: whole images
+  through a small CNN, batched across requests separately from the VLM's batches. ``/predict_objects`` requests that
+  send no detections go image -> Detector -> Predictor (every detected object classified in one work item); requests
+  with detections skip it. ``/status`` shows the detector version loaded (``detector``), or why none is usable.
+
+``/timeline`` decodes in the Ingress (its decoder streams windows while the model works) and sends the windows to the
+Predictor as clip work items; the task, window length and grammar come from the Predictor once per model version.
+
 If the new version has another sampling spec, the Predictor answers ``SpecChanged`` for work decoded with the old
 one and the Ingress decodes it again with the new spec, so pixels always match the model that sees them.
 
-App args: :class:`opsvlm.serving.ServeAppConfig` (sections ``model``, ``limits``, ``batching``, ``auth``), loaded
+App args: :class:`opsvlm.serving.ServeAppConfig` (sections ``model``, ``limits``, ``batching``, ``auth``,
+``detector``), loaded
 with :mod:`opsvlm.config`; replicas, resources, queue bounds and autoscaling are set per deployment in the config
 (``serve_app/config.yaml``, ``serve_app/config_tiny_cpu.yaml``). Nothing runs at import time.
 """
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,19 +74,32 @@ from opsvlm.serving import (
     Window,
     WorkItem,
     WorkPool,
+    clips,
     create_app,
     load_app_config,
+    objects,
+    timeline,
 )
 from opsvlm.serving.errors import overloaded, unavailable
 from opsvlm.serving.media import decode_media, decode_media_bytes
+from opsvlm.serving.timeline import TimelineSupport
+from opsvlm.serving.watcher import default_cache_root, private_directory
 from opsvlm.tracking import resolve_tracking_uri
 from opsvlm.video.sampling import SamplingSpec
 
-__all__ = ["DecoderDeployment", "Ingress", "PredictorDeployment", "ServeBackend", "app", "build_app"]
+__all__ = [
+    "DecoderDeployment",
+    "DetectorClient",
+    "Ingress",
+    "PredictorDeployment",
+    "ServeBackend",
+    "app",
+    "build_app",
+]
 
 logger = logging.getLogger("ray.serve")
 
-INGRESS, DECODER, PREDICTOR = "Ingress", "Decoder", "Predictor"
+INGRESS, DECODER, PREDICTOR, DETECTOR = "Ingress", "Decoder", "Predictor", "Detector"
 HEALTH_CALL_TIMEOUT_S = 10.0
 
 
@@ -90,6 +115,7 @@ class PredictorDeployment:
         self._watcher = await asyncio.to_thread(ModelWatcher.from_source, config.model)
         self._batcher = Batcher(lambda: self._watcher.current, config.batching, config.limits.retry_after_s)
         self._batcher.start()
+        self._timeline = TimelineSupport(lambda: self._watcher.current)
         self._poll_interval_s = config.model.poll_interval_s
         self._poller = None
         follows = self._watcher.watches or self._watcher.current.source == "cache"
@@ -137,6 +163,10 @@ class PredictorDeployment:
         status["batching"] = self._batcher.describe()
         status["health"] = self._batcher.health.describe()
         return status
+
+    async def timeline_support(self, show_paths: bool = False) -> dict[str, Any]:
+        """What ``/timeline`` needs from the current model (task, media, window length, grammar), once per version."""
+        return await asyncio.to_thread(self._timeline.get, show_paths)
 
     def check_health(self) -> None:
         if not self._batcher.alive:
@@ -254,6 +284,69 @@ class ServeBackend:
     async def status(self, show_paths: bool = False) -> dict[str, Any]:
         return await self._predictor.status.remote(show_paths)
 
+    async def timeline_support(self, show_paths: bool = False) -> dict[str, Any]:
+        try:
+            return await self._predictor.timeline_support.remote(show_paths)
+        except Exception as exc:
+            raise unavailable(f"the model replica is unavailable: {exc!r}", self._limits.retry_after_s) from None
+
+
+_PATH = re.compile(r"(?<![\w:])/(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The replica's own exception inside Ray's wrapper (whose text is a whole traceback)."""
+    return getattr(exc, "cause", None) or exc
+
+
+class DetectorClient:
+    """The ``detect`` hook of ``/predict_objects`` (:func:`opsvlm.serving.objects.make_endpoint`) over the Detector
+    deployment, and its part of ``/status``.
+
+    A bad image array is a 422 ``invalid_image``; a detector that is not usable (bad reference, a class without an
+    object type) a 503 ``detector_unavailable`` naming the reason; an unreachable or full deployment a 503.
+    """
+
+    def __init__(self, handle: DeploymentHandle, limits: ServingLimits, show_paths: bool = False):
+        self._handle = handle
+        self._limits = limits
+        self._show_paths = show_paths
+
+    def _words(self, text: str) -> str:
+        return text if self._show_paths else _PATH.sub("<path>", text)
+
+    async def __call__(self, image: Any) -> objects.Detected:
+        from opsvlm.tasks.inspection_detect.detector import DetectorError
+        from opsvlm.tasks.inspection_detect_ray.serve import DetectorUnavailable
+
+        try:
+            detections, detector = await self._handle.stage_one.remote(image)
+        except DetectorError as exc:
+            raise ServingError(422, "invalid_image", self._words(str(_cause(exc)))) from None
+        except DetectorUnavailable as exc:
+            raise ServingError(
+                503, "detector_unavailable", self._words(str(_cause(exc))), self._limits.retry_after_s
+            ) from None
+        except Exception as exc:  # the replica died, is unreachable, or its queue is full
+            logger.warning("detector call failed: %r", exc)
+            if _backpressure(exc):
+                raise overloaded("the detector is busy; retry later", self._limits.retry_after_s) from None
+            raise ServingError(
+                503, "detector_unavailable", "the detector replica is unavailable", self._limits.retry_after_s
+            ) from None
+        return objects.Detected(detections, detector)
+
+    async def status(self) -> dict[str, Any]:
+        """The detector's part of ``/status``: version, classes and their object types, or why it is unusable."""
+        try:
+            status = await asyncio.wait_for(self._handle.status.remote(), HEALTH_CALL_TIMEOUT_S)
+        except Exception as exc:
+            return {"ready": False, "error": f"the detector replica did not answer: {type(exc).__name__}"}
+        if not self._show_paths:
+            status.pop("weights", None)
+            status = {k: self._words(v) if isinstance(v, str) else v for k, v in status.items()}
+        return status
+
 
 def _replica_counts() -> dict[str, dict[str, int]]:
     """Replicas per deployment of this application, by state (from the Serve controller)."""
@@ -281,7 +374,13 @@ def _replica_counts() -> dict[str, dict[str, int]]:
 class Ingress:
     """FastAPI ingress: the API of :func:`opsvlm.serving.create_app` over :class:`ServeBackend`."""
 
-    def __init__(self, predictor: DeploymentHandle, decoder: DeploymentHandle | None, args: dict[str, Any]):
+    def __init__(
+        self,
+        predictor: DeploymentHandle,
+        decoder: DeploymentHandle | None,
+        args: dict[str, Any],
+        detector: DeploymentHandle | None = None,
+    ):
         config = load_app_config(args)
         self._limits = config.limits
         self._api_key = config.auth.api_key()
@@ -289,13 +388,15 @@ class Ingress:
         self._separate_decoder = decoder is not None
         self._pool = WorkPool(self._limits.work_threads, self._limits.max_pending_work, self._limits.retry_after_s)
         self._backend = ServeBackend(predictor, decoder, self._limits)
+        self._detector = None if detector is None else DetectorClient(detector, self._limits, self._show_paths)
 
     async def _serve_status(self) -> dict[str, Any]:
         try:
             replicas = await asyncio.to_thread(_replica_counts)
         except Exception as exc:  # status must answer even if the controller is slow
             replicas = {"error": repr(exc)}
-        return {"replicas": replicas, "separate_decoder": self._separate_decoder}
+        detector = None if self._detector is None else await self._detector.status()
+        return {"replicas": replicas, "separate_decoder": self._separate_decoder, "detector": detector}
 
     def __serve_build_asgi_app__(self):
         # Built per replica after __init__ (Serve's late-bound ingress): the routes close over this replica's backend.
@@ -304,6 +405,7 @@ class Ingress:
             self._limits,
             title="opsvlm (Ray Serve)",
             extra_status=self._serve_status,
+            endpoints=(clips.ENDPOINT, objects.make_endpoint(self._detector), timeline.ENDPOINT),
             pool=self._pool,
             api_key=self._api_key,
             show_paths=self._show_paths,
@@ -324,7 +426,7 @@ def build_app(args: dict[str, Any]) -> Application:
             config), or the config itself.
 
     Returns:
-        The bound application: Ingress -> (Decoder) -> Predictor.
+        The bound application: Ingress -> (Decoder), (Detector), Predictor.
 
     Raises:
         opsvlm.config.ConfigError: unknown or invalid args, naming the field (e.g. ``limits.allowed_root`` is not a
@@ -347,7 +449,35 @@ def build_app(args: dict[str, Any]) -> Application:
     use_gpu = _gpu_available() if config.use_gpu == "auto" else config.use_gpu
     predictor = PredictorDeployment.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": 1 if use_gpu else 0})
     decoder = DecoderDeployment.bind({"limits": plain["limits"]}) if config.separate_decoder else None
-    return Ingress.bind(predictor.bind(predictor_args), decoder, ingress_args)
+    return Ingress.bind(predictor.bind(predictor_args), decoder, ingress_args, _detector(config))
+
+
+def _detector(config: ServeAppConfig) -> Application | None:
+    """The bound Detector deployment (``detector.ref`` set), else ``None``."""
+    settings = config.detector
+    if not settings.enabled:
+        return None
+    from opsvlm.tasks.inspection_detect_ray.serve import detector_deployment
+
+    ref = settings.ref
+    if Path(ref).exists():  # a file or folder: the same path on every node, as for model.ref
+        ref = str(Path(ref).resolve())
+    tracking_uri = resolve_tracking_uri(settings.tracking_uri or config.model.tracking_uri)
+    cache_dir = settings.cache_dir or str(default_cache_root().parent / "detectors")
+    private_directory(cache_dir)  # refuse a shared or foreign folder here, at deploy
+    deployment = detector_deployment(num_cpus=0.25).options(name=DETECTOR)
+    return deployment.bind(
+        ref,
+        prefer=settings.prefer,
+        conf=settings.conf,
+        imgsz=settings.imgsz,
+        class_map=dict(settings.class_map),
+        device=settings.device,
+        tracking_uri=tracking_uri,
+        cache_dir=cache_dir,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_timeout_s=settings.batch_wait_timeout_s,
+    )
 
 
 app = build_app  # the builder under the name Serve examples use

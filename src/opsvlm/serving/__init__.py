@@ -22,7 +22,7 @@ Nothing here imports Ray; torch/transformers only where a model is loaded.
 
 from opsvlm.serving.app import DEFAULT_ENDPOINTS, create_app
 from opsvlm.serving.batcher import Batcher, BatchingSettings
-from opsvlm.serving.config import AuthSettings, ServeAppConfig, load_app_config
+from opsvlm.serving.config import AuthSettings, DetectorSettings, ServeAppConfig, load_app_config
 from opsvlm.serving.endpoint import Backend, Endpoint, ServingContext
 from opsvlm.serving.errors import ServingError
 from opsvlm.serving.limits import ServingLimits
@@ -41,6 +41,7 @@ __all__ = [
     "BatchingSettings",
     "Deadline",
     "DecodedClip",
+    "DetectorSettings",
     "Endpoint",
     "LoadedModel",
     "LocalBackend",

@@ -5,7 +5,8 @@ the work to deployments; :class:`~opsvlm.serving.local.LocalBackend` does it in-
 
 Routes: ``GET /health``, ``GET /status``, ``GET /docs`` (OpenAPI UI; ``/openapi.json``) here, and the routes of
 each endpoint module (:data:`DEFAULT_ENDPOINTS`: ``/predict`` and ``/batch_predict`` from
-:mod:`~opsvlm.serving.clips`, ``/predict_objects`` from :mod:`~opsvlm.serving.objects`). To add an endpoint, write
+:mod:`~opsvlm.serving.clips`, ``/predict_objects`` from :mod:`~opsvlm.serving.objects`, ``/timeline`` from
+:mod:`~opsvlm.serving.timeline`). To add an endpoint, write
 a module exposing an :class:`~opsvlm.serving.endpoint.Endpoint` and add it to :data:`DEFAULT_ENDPOINTS` (or pass
 ``endpoints=`` to :func:`create_app`).
 
@@ -38,7 +39,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from opsvlm.serving import clips, objects
+from opsvlm.serving import clips, objects, timeline
 from opsvlm.serving.endpoint import Backend, Endpoint, ServingContext
 from opsvlm.serving.errors import ServingError, unavailable
 from opsvlm.serving.limits import ServingLimits
@@ -49,7 +50,7 @@ __all__ = ["API_KEY_HEADER", "DEFAULT_ENDPOINTS", "ApiKeyMiddleware", "create_ap
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = (clips.ENDPOINT, objects.ENDPOINT)
+DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = (clips.ENDPOINT, objects.ENDPOINT, timeline.ENDPOINT)
 API_KEY_HEADER = "X-API-Key"
 
 
@@ -119,9 +120,11 @@ def create_app(
         show_paths: Let ``/status`` show filesystem paths (checkpoint and cache folders, the allowed root).
     """
     pool = pool or WorkPool(limits.work_threads, limits.max_pending_work, limits.retry_after_s)
-    context = ServingContext(
-        backend, limits, pool, media_routes={e.media: e.path for e in endpoints if e.media is not None}
-    )
+    media_routes: dict[str, str] = {}
+    for endpoint in endpoints:  # the first endpoint of a media is the one a 409 names (/predict before /timeline)
+        if endpoint.media is not None:
+            media_routes.setdefault(endpoint.media, endpoint.path)
+    context = ServingContext(backend, limits, pool, media_routes=media_routes, show_paths=show_paths)
     app = FastAPI(
         title=title,
         description="Vision-language models for operations video and inspection images: predicts the dominant "

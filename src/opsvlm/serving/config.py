@@ -7,12 +7,13 @@ The ``args`` of the application in a Serve config (``serve_app/config*.yaml``) a
       limits: {max_upload_bytes: 67108864, request_deadline_s: 60, allowed_root: null}
       batching: {max_batch_size: 8, max_queued_inputs: 64}
       auth: {api_key_env: ""}
+      detector: {ref: "", class_map: {}}  # e.g. ref: models:/opsvlm-detector@champion (inspection stage 1)
       separate_decoder: false
       use_gpu: auto
 
 Each default lives once, on its section's dataclass (:class:`~opsvlm.serving.watcher.ModelSource`,
 :class:`~opsvlm.serving.limits.ServingLimits`, :class:`~opsvlm.serving.batcher.BatchingSettings`,
-:class:`AuthSettings`); unknown keys and wrong types are errors naming the field.
+:class:`AuthSettings`, :class:`DetectorSettings`); unknown keys and wrong types are errors naming the field.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from opsvlm.serving.batcher import BatchingSettings
 from opsvlm.serving.limits import ServingLimits
 from opsvlm.serving.watcher import ModelSource
 
-__all__ = ["AuthSettings", "ServeAppConfig", "load_app_config"]
+__all__ = ["AuthSettings", "DetectorSettings", "ServeAppConfig", "load_app_config"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,62 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class DetectorSettings:
+    """The inspection task's stage 1: a detector that finds the objects of ``/predict_objects`` requests that send no
+    detections. Off by default (requests must then send their detections).
+
+    With ``ref`` set the Serve app runs the detector in its own deployment (``Detector``: whole images through one
+    small CNN, batched across requests on its own, separately from the VLM's batches); replicas, CPUs and GPUs are set
+    per deployment in the Serve config. A replica resolves ``ref`` once at start (an alias is pinned to the version it
+    points to then; ``/status`` names it) and checks that every detector class maps to an object type: a detector it
+    cannot use (unknown reference, a class without a mapping) does not stop the app; ``/predict_objects`` without
+    detections then answers 503 ``detector_unavailable`` with the reason, and ``/status`` shows it.
+
+    Attributes:
+        ref: Detector reference: ``models:/<name>@<alias>`` (e.g. ``models:/opsvlm-detector@champion``),
+            ``models:/<name>/<version>``, ``runs:/<run id>``, a ``.pt``/``.onnx`` file or a folder holding one;
+            empty: no detector.
+        tracking_uri: MLflow URI for registry references; empty: the model's (``model.tracking_uri``, resolved).
+        cache_dir: Where registry versions are downloaded; empty: ``$XDG_CACHE_HOME/opsvlm/detectors``.
+        prefer: ``pt`` (the Ultralytics checkpoint) or ``onnx`` (the version's ONNX export, run with onnxruntime).
+        conf: Minimum detection score; ``None``: the one recorded with the detector (else 0.25).
+        imgsz: Inference size, pixels; ``None``: the one recorded with the detector (else its training size).
+        class_map: ``{detector class name: object type}``; empty: the one recorded with the detector, else the
+            default (the 4 object types and the 9 condition classes, case, ``-`` and ``_`` ignored).
+        device: ``auto`` (CUDA when the replica has a GPU), ``cpu``, ``cuda:0``...
+        max_batch_size: Most images per detector forward pass.
+        batch_wait_timeout_s: Longest wait for more images before a batch runs.
+    """
+
+    ref: str = ""
+    tracking_uri: str = ""
+    cache_dir: str = ""
+    prefer: Literal["pt", "onnx"] = "pt"
+    conf: float | None = None
+    imgsz: int | None = None
+    class_map: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.conf is not None and not 0.0 <= self.conf <= 1.0:
+            raise ValueError(f"conf must be in [0, 1], got {self.conf}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.class_map:  # values must be object types: refused at deploy, not in every replica
+            from opsvlm.tasks.inspection_detect.detector import ClassMapping
+
+            ClassMapping(self.class_map, "detector.class_map")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ref)
+
+
+@dataclass(frozen=True)
 class ServeAppConfig:
     """Arguments of the Serve app (``serve_app.app:build_app``) and of the in-process baseline server.
 
@@ -67,6 +124,7 @@ class ServeAppConfig:
         limits: Input limits, deadlines and load shedding of the HTTP API.
         batching: How the Predictor batches work and sheds what does not fit its queue.
         auth: Optional API-key auth.
+        detector: The inspection task's stage-1 detector (off unless ``detector.ref`` is set).
         show_paths: Let ``/status`` show filesystem paths (checkpoint and cache folders, the allowed root).
         separate_decoder: Decode on a ``Decoder`` deployment instead of in the Ingress.
         use_gpu: One GPU per Predictor replica: ``true``, ``false`` or ``auto`` (if the cluster has GPUs).
@@ -76,6 +134,7 @@ class ServeAppConfig:
     limits: ServingLimits = field(default_factory=ServingLimits)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
     show_paths: bool = False
     separate_decoder: bool = False
     use_gpu: bool | Literal["auto"] = "auto"
@@ -107,4 +166,4 @@ def load_app_config(
     return from_dict(ServeAppConfig, apply_overrides(data, [*given, *overrides]))
 
 
-_SECTIONS = frozenset({"model", "limits", "batching", "auth"})
+_SECTIONS = frozenset({"model", "limits", "batching", "auth", "detector"})

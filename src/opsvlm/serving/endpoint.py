@@ -1,6 +1,6 @@
 """What an endpoint module gets to work with, and how it plugs into the app: the extension point of the HTTP API.
 
-An endpoint module (``clips``, ``objects``; later e.g. a whole-recording ``timeline``) exposes one
+An endpoint module (``clips``, ``objects``, ``timeline``) exposes one
 :class:`Endpoint`: the kind of media it sends to the model and a function that builds its ``APIRouter`` from a
 :class:`ServingContext`. :func:`opsvlm.serving.app.create_app` includes every endpoint it is given
 (:data:`opsvlm.serving.app.DEFAULT_ENDPOINTS` by default), so adding an endpoint is one new module plus one entry
@@ -62,6 +62,12 @@ class Backend(Protocol):
         """Model, task, sampling spec, labels, batching and health; no filesystem paths unless ``show_paths``."""
         ...
 
+    async def timeline_support(self, show_paths: bool = False) -> dict[str, Any]:
+        """What a whole-recording timeline needs from the current model (see
+        :func:`opsvlm.serving.timeline.model_timeline_support`): its version, task, media, window length and
+        grammar."""
+        ...
+
 
 @dataclass
 class ServingContext:
@@ -72,12 +78,14 @@ class ServingContext:
         limits: Input limits and deadlines.
         pool: The bounded pool for blocking work (decoding, copying, JSON parsing).
         media_routes: ``{media: path}`` of the endpoint each kind of media goes to (for 409 hints).
+        show_paths: Whether answers may show server filesystem paths.
     """
 
     backend: Backend
     limits: ServingLimits
     pool: WorkPool
     media_routes: dict[str, str] = field(default_factory=dict)
+    show_paths: bool = False
     inflight: int = 0
     shed: int = 0
 

@@ -69,6 +69,17 @@ class ServingLimits:
         work_threads: Threads of the bounded pool that decodes, copies uploads and parses JSON off the event loop.
         max_pending_work: Most tasks admitted to that pool (running and waiting); beyond, requests get 503.
         retry_after_s: ``Retry-After`` of the 503s this server sheds load with.
+        max_timeline_duration_s: Longest video ``/timeline`` annotates, seconds (default 30 minutes: a packing
+            session's recording is split into files of about this length; at the batch job's 20x real time on the
+            tiny model that is 90 s of work, a few minutes on a GPU with the full model).
+        max_timeline_upload_bytes: Largest ``/timeline`` upload, bytes (default 512 MiB: 30 minutes of 224 px 15 fps
+            H.264 with room to spare); path requests are not capped by size, only by duration.
+        timeline_deadline_s: Total time one ``/timeline`` request may take, upload included (default 15 minutes);
+            past it the work stops at the next batch of windows and the answer is 503 (408 if the upload was still
+            arriving).
+        max_inflight_timelines: Most ``/timeline`` requests at work at once in one server (each holds a work-pool
+            thread for its whole decode); more get 503 at once. Capped at ``work_threads - 1`` (when that is at
+            least 1) so that clip and image requests always find a thread.
     """
 
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -87,6 +98,10 @@ class ServingLimits:
     work_threads: int = 6
     max_pending_work: int = 64
     retry_after_s: float = 2.0
+    max_timeline_duration_s: float = 1800.0
+    max_timeline_upload_bytes: int = 512 * 1024 * 1024
+    timeline_deadline_s: float = 900.0
+    max_inflight_timelines: int = 2
 
     def __post_init__(self) -> None:
         for name in (
@@ -100,16 +115,30 @@ class ServingLimits:
             "max_inflight_requests",
             "work_threads",
             "max_pending_work",
+            "max_timeline_upload_bytes",
+            "max_inflight_timelines",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_duration_s", "decode_deadline_s", "request_deadline_s", "retry_after_s"):
+        for name in (
+            "max_duration_s",
+            "decode_deadline_s",
+            "request_deadline_s",
+            "retry_after_s",
+            "max_timeline_duration_s",
+            "timeline_deadline_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.request_deadline_s < self.decode_deadline_s:
             raise ValueError(
                 f"request_deadline_s ({self.request_deadline_s:g}) must be >= decode_deadline_s "
                 f"({self.decode_deadline_s:g}): a slow decode would always end as a 503"
+            )
+        if self.timeline_deadline_s < self.decode_deadline_s:
+            raise ValueError(
+                f"timeline_deadline_s ({self.timeline_deadline_s:g}) must be >= decode_deadline_s "
+                f"({self.decode_deadline_s:g})"
             )
         known = typing.get_args(ImageFormat)
         if not self.image_formats or any(f not in known for f in self.image_formats):

@@ -16,6 +16,7 @@ from opsvlm.serving.errors import ServingError
 from opsvlm.serving.limits import ServingLimits
 from opsvlm.serving.media import DecodedClip, Media, Window, decode_media
 from opsvlm.serving.predict import Outcome, WorkItem
+from opsvlm.serving.timeline import TimelineSupport
 from opsvlm.serving.watcher import ModelWatcher
 from opsvlm.serving.work import Deadline, WorkPool
 from opsvlm.video.sampling import SamplingSpec
@@ -36,6 +37,7 @@ class LocalBackend:
         self.watcher = watcher
         self.limits = limits
         self.batcher = Batcher(lambda: self.watcher.current, batching or BatchingSettings(), limits.retry_after_s)
+        self._timeline = TimelineSupport(lambda: self.watcher.current)
 
     async def sampling_spec(self) -> SamplingSpec:
         return self.watcher.current.spec
@@ -63,3 +65,6 @@ class LocalBackend:
         status["batching"] = self.batcher.describe()
         status["health"] = self.batcher.health.describe()
         return status
+
+    async def timeline_support(self, show_paths: bool = False) -> dict[str, Any]:
+        return await asyncio.to_thread(self._timeline.get, show_paths)

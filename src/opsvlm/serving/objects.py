@@ -7,7 +7,9 @@ allowed root. ``detections`` is the stage-1 detector's output: a JSON list (at m
 ``{"label": <object type>, "box": [x1, y1, x2, y2], "normalized": true|false, "score": ...}``. Every detection is
 classified in turn, with the others as its spatial context, in one forward pass through the model's batcher.
 Answers ``{"objects": [{"index", "label", "box", "score", "condition", "object_type", "condition_kind",
-"confidence", "scores"}, ...], "image": {"width", "height"}, "model_version", "latency_ms"}``.
+"confidence", "scores"}, ...], "image": {"width", "height"}, "model_version", "stage1", "detector",
+"latency_ms"}``: ``stage1`` is ``"request"`` (the request's detections) or ``"detector"`` (the server's detector found
+them; ``detector`` then names its version and each object's ``score`` is the detection score).
 
 The image is decoded once and resized to the model's size once per request (not once per object); each object's
 input is that resized image with the object outlined, plus a close-up cut from the full-resolution image.
@@ -16,7 +18,8 @@ Detections come from the request; a server-side detector stage plugs in as the `
 for a request that sends no detections, with the decoded image, and returns stage-1 detections (validated objects
 with ``index``, ``label``, ``object_type``, normalised ``box`` and ``score``; an empty list is an answer with no
 objects). It raises :class:`~opsvlm.serving.errors.ServingError` for its own failures (e.g. 503 when the detector
-is unavailable).
+is unavailable), and may return a :class:`Detected` to name the detector version in the answer. The Serve app wires
+its ``Detector`` deployment in here when ``detector.ref`` is configured (``serve_app/app.py``).
 """
 
 from __future__ import annotations
@@ -37,10 +40,23 @@ from opsvlm.serving.requests import ObjectsRequest, parse_object_detections, par
 from opsvlm.serving.schemas import DOC_ERRORS, ObjectsResponse, PathObjects, request_body_doc
 from opsvlm.video.sampling import SamplingSpec
 
-__all__ = ["ENDPOINT", "MEDIA", "Detect", "make_endpoint", "render_object_inputs", "request_detections"]
+__all__ = ["ENDPOINT", "MEDIA", "Detect", "Detected", "make_endpoint", "render_object_inputs", "request_detections"]
 
 MEDIA = "image"
 Detect = Callable[[np.ndarray], Awaitable[list[Any]]]
+
+
+class Detected(list):
+    """What a detector hook may return: its detections (a list) and the detector that found them.
+
+    Args:
+        detections: Validated stage-1 detections.
+        detector: ``{"name", "version", "alias", "run_id"}`` of the detector, for the answer.
+    """
+
+    def __init__(self, detections: Sequence[Any] = (), detector: dict[str, Any] | None = None):
+        super().__init__(detections)
+        self.detector = detector
 
 
 def render_object_inputs(image: np.ndarray, detections: Sequence[Any], spec: SamplingSpec) -> tuple[Any, ...]:
@@ -77,12 +93,13 @@ async def request_detections(
     request: ObjectsRequest, image: np.ndarray, context: ServingContext, detect: Detect | None = None
 ) -> list[Any]:
     """The detections to classify: the request's, validated against the decoded image; without any, the
-    detector's (when there is one)."""
+    detector's (when there is one), as a :class:`Detected` (``detector`` set when the hook named one)."""
     if request.detections is None and detect is not None:
-        found = list(await detect(image))
+        answer = await detect(image)
+        found = list(answer)
         if len(found) > context.limits.max_detections:  # classify the detector's most confident objects
             found = sorted(found, key=lambda d: -(d.score or 0.0))[: context.limits.max_detections]
-        return found
+        return Detected(found, getattr(answer, "detector", None) or {})
     height, width = image.shape[:2]
     return parse_object_detections(request.detections, width, height, request.name, context.limits.max_detections)
 
@@ -122,11 +139,15 @@ def _router(context: ServingContext, detect: Detect | None) -> APIRouter:
             parsed = await deadline.run(parse_objects_request(request, limits, pool), reading=True)
             image = await deadline.run(pool.run(decode_image, parsed.data, parsed.name, limits))
             detections = await deadline.run(request_detections(parsed, image, context, detect))
+            stage1 = {"stage1": "request", "detector": None}
+            if isinstance(detections, Detected):
+                stage1 = {"stage1": "detector", "detector": detections.detector or None}
             if not detections:  # a detector that found nothing: an answer without objects
                 body = {
                     "objects": [],
                     "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
                     "model_version": None,
+                    **stage1,
                     "latency_ms": round((time.perf_counter() - started) * 1000, 3),
                 }
                 return JSONResponse(body)
@@ -158,6 +179,7 @@ def _router(context: ServingContext, detect: Detect | None) -> APIRouter:
             "objects": objects,
             "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
             "model_version": outcome.model_version,
+            **stage1,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
         return JSONResponse(body)

@@ -40,14 +40,19 @@ __all__ = [
     "check_video_name",
     "copy_limited",
     "limit_body",
+    "media_type",
     "parse_batch",
     "parse_json",
     "parse_object_detections",
     "parse_objects_request",
     "parse_predict",
     "parse_window",
+    "read_form",
     "read_json",
     "resolve_allowed_path",
+    "save_upload",
+    "unsupported",
+    "validated",
 ]
 
 MULTIPART_SLACK_BYTES = 64 * 1024  # multipart boundaries, part headers and small fields on top of the file bytes
@@ -342,7 +347,7 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _unsupported(kind: str, expected: str) -> ServingError:
+def unsupported(kind: str, expected: str) -> ServingError:
     return ServingError(415, "unsupported_media_type", f"content type {kind or '<none>'!r}: {expected}")
 
 
@@ -378,7 +383,7 @@ def _path_job(limits: ServingLimits, clip: PathClip) -> ClipJob:
         return ClipJob(error=error)
 
 
-async def _save_upload(
+async def save_upload(
     upload: UploadFile, limits: ServingLimits, pool: WorkPool, budget: list[int], parsed: ParsedRequest
 ) -> Media:
     suffix = check_video_name(upload.filename, upload.content_type)
@@ -392,7 +397,7 @@ async def _save_upload(
     return Media(path, upload.filename or "upload", uploaded=True)
 
 
-def _validated(model: Any, data: Any, field_name: str = "") -> Any:
+def validated(model: Any, data: Any, field_name: str = "") -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -406,7 +411,7 @@ async def parse_predict(request: Request, limits: ServingLimits, pool: WorkPool)
     try:
         kind = media_type(request)
         if kind == "application/json":
-            clip = _validated(PathClip, await read_json(request, limits, pool))
+            clip = validated(PathClip, await read_json(request, limits, pool))
             job = _path_job(limits, clip)
             if job.error is not None:
                 raise job.error
@@ -417,10 +422,10 @@ async def parse_predict(request: Request, limits: ServingLimits, pool: WorkPool)
             if not isinstance(upload, UploadFile):
                 raise ServingError(422, "missing_file", "multipart request needs a 'file' part with the video")
             window = parse_window(form.get("start_s"), form.get("end_s"))
-            media = await _save_upload(upload, limits, pool, [limits.max_upload_bytes], parsed)
+            media = await save_upload(upload, limits, pool, [limits.max_upload_bytes], parsed)
             parsed.jobs.append(ClipJob(media, window))
         else:
-            raise _unsupported(kind, "send multipart/form-data with a 'file' part, or application/json naming a path")
+            raise unsupported(kind, "send multipart/form-data with a 'file' part, or application/json naming a path")
     except BaseException:
         parsed.cleanup()
         raise
@@ -441,7 +446,7 @@ async def parse_batch(request: Request, limits: ServingLimits, pool: WorkPool) -
             clips = data.get("clips") if isinstance(data, dict) else None
             if isinstance(clips, list) and len(clips) > limits.max_batch_clips:
                 raise _too_many_clips(len(clips), limits)
-            batch = _validated(PathBatch, data)
+            batch = validated(PathBatch, data)
             if not batch.clips:
                 raise ServingError(422, "invalid_request", "clips: at least one clip is needed")
             parsed.jobs.extend(_path_job(limits, clip) for clip in batch.clips)
@@ -451,7 +456,7 @@ async def parse_batch(request: Request, limits: ServingLimits, pool: WorkPool) -
             if not uploads:
                 raise ServingError(422, "missing_file", "multipart batch needs one or more 'files' parts")
             budget = [limits.max_upload_bytes]
-            media = [await _save_upload(upload, limits, pool, budget, parsed) for upload in uploads]
+            media = [await save_upload(upload, limits, pool, budget, parsed) for upload in uploads]
             clips_field = form.get("clips")
             if clips_field is None:
                 specs = [UploadClip(file=i) for i in range(len(media))]
@@ -463,7 +468,7 @@ async def parse_batch(request: Request, limits: ServingLimits, pool: WorkPool) -
                     raise ServingError(422, "invalid_request", "clips must be a non-empty JSON list")
                 if len(raw) > limits.max_batch_clips:
                     raise _too_many_clips(len(raw), limits)
-                specs = [_validated(UploadClip, item, f"clips[{i}]") for i, item in enumerate(raw)]
+                specs = [validated(UploadClip, item, f"clips[{i}]") for i, item in enumerate(raw)]
             for spec in specs:
                 if not 0 <= spec.file < len(media):
                     error = ServingError(422, "invalid_request", f"file index {spec.file} out of range")
@@ -474,7 +479,7 @@ async def parse_batch(request: Request, limits: ServingLimits, pool: WorkPool) -
                 except ServingError as error:
                     parsed.jobs.append(ClipJob(error=error))
         else:
-            raise _unsupported(
+            raise unsupported(
                 kind, "send multipart/form-data with 'files' parts, or application/json with a 'clips' list"
             )
     except BaseException:
@@ -520,7 +525,7 @@ async def parse_objects_request(request: Request, limits: ServingLimits, pool: W
         data = await read_json(request, limits, pool)
         raw = data.get("detections") if isinstance(data, dict) else None
         _check_detection_count(raw, limits)
-        body = _validated(PathObjects, data)
+        body = validated(PathObjects, data)
         path = resolve_allowed_path(limits.allowed_root, body.path, lambda name: check_image_name(name, limits))
         image = await pool.run(_read_file, path, limits.max_upload_bytes, body.path)
         return ObjectsRequest(body.path, image, body.detections)
@@ -538,7 +543,7 @@ async def parse_objects_request(request: Request, limits: ServingLimits, pool: W
             raise ServingError(422, "invalid_detections", "detections must be a text field holding a JSON list")
         _check_detection_count(raw, limits)
         return ObjectsRequest(name, await upload.read(), raw)
-    raise _unsupported(kind, "send multipart/form-data with 'file' and 'detections', or application/json naming a path")
+    raise unsupported(kind, "send multipart/form-data with 'file' and 'detections', or application/json naming a path")
 
 
 def _check_detection_count(raw: Any, limits: ServingLimits) -> None:

@@ -6,7 +6,7 @@ the JSON request bodies (``extra="forbid"``: an unknown field is a 422 naming it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -114,6 +114,12 @@ class ObjectsResponse(BaseModel):
     objects: list[ObjectPrediction]
     image: ImageSize
     model_version: str | None = Field(description="None when a detector found no object (the model was not asked)")
+    stage1: Literal["request", "detector"] = Field(
+        description="Where the objects came from: the request's detections, or the server's detector"
+    )
+    detector: dict[str, Any] | None = Field(
+        None, description='The detector that found the objects ({"name", "version", "alias", "run_id"}), if it ran'
+    )
     latency_ms: float
 
 
@@ -122,7 +128,11 @@ class PathObjects(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="Relative to the allowed root, or absolute inside it")
-    detections: list[dict[str, Any]] = Field(description='[{"label", "box", "normalized", "score"}, ...]')
+    detections: list[dict[str, Any]] | None = Field(
+        None,
+        description='[{"label", "box", "normalized", "score"}, ...]; leave out to have the server\'s detector '
+        "find the objects (when one is configured)",
+    )
 
 
 class HealthResponse(BaseModel):

@@ -1,41 +1,37 @@
-"""The stage-1 detector as a Ray Serve deployment, for the serving app to bind next to the VLM deployment.
+"""The stage-1 detector as a Ray Serve deployment: what the Serve app (``serve_app.app``) binds beside the VLM when
+``detector.ref`` is configured.
 
 The detector batches differently from the VLM (whole images through one small CNN, many per call), so it runs in its
-own deployment with its own ``@serve.batch``. A replica resolves its detector reference once
-(``models:/opsvlm-detector@champion``, ``runs:/...`` or a file, :func:`.registry.resolve_detector`) and loads it with
-the class mapping checked. A detector that cannot be loaded (missing version, a class without an object type) does
-not crash the replica: every call raises :class:`DetectorUnavailable` with the reason, and :meth:`status` reports it,
-so the app can answer 503 with that message instead of a 500.
+own deployment with its own ``@serve.batch`` (``max_batch_size`` / ``batch_wait_timeout_s`` per replica). A replica
+resolves its detector reference once (``models:/opsvlm-detector@champion``, ``models:/<name>/<version>``,
+``runs:/...`` or a file, :func:`.registry.resolve_detector`; an alias is pinned to the version it points to at that
+moment, so :meth:`DetectorServer.status` names exactly what is loaded) and loads it with the class mapping checked. A
+detector that cannot be loaded (missing version, a class without an object type) does not crash the replica: every
+call raises :class:`DetectorUnavailable` with the reason, and :meth:`DetectorServer.status` reports it, so the app
+answers 503 with that message instead of a 500.
 
-How ``/predict_objects`` uses it (when a detector is configured and the request has no detections)::
+How ``/predict_objects`` uses it (``serve_app.app``; the hook of :func:`opsvlm.serving.objects.make_endpoint`)::
 
-    from opsvlm.tasks.inspection_detect.detector import DetectorError
-    from opsvlm.tasks.inspection_detect_ray.serve import DetectorUnavailable
+    detections, info = await detector_handle.stage_one.remote(image)   # image: uint8[H, W, 3] RGB
+    #   DetectorError (a bad image array)  -> 422 invalid_image
+    #   DetectorUnavailable                -> 503 detector_unavailable, with the reason
+    #   []                                 -> 200 {"objects": [], ...}: nothing found is an answer, not an error
+    # else every detection (StageOneDetection: index, object type, normalised box, score) goes to the VLM
 
-    try:
-        detections = await detector_handle.detect.remote(image)        # image: uint8[H, W, 3] RGB
-    except DetectorError as exc:  # a bad image array (the app has decoded it, so rare)
-        -> 422 invalid_image, str(exc)
-    except DetectorUnavailable as exc:
-        -> 503 detector_unavailable, str(exc)
-    if not detections:
-        -> 200 {"objects": [], "detector": ..., "model_version": ...}   (nothing found is an answer, not an error)
-    stage_one = [d.to_stage_one(i) for i, d in enumerate(detections)]
-    outcome = predict_objects(model, image, stage_one)                # the existing stage-2 path, unchanged
-    # each object: its box, type (label), detection score and condition (outcome["objects"])
-
-Ray Serve wraps exceptions raised in a replica (``RayTaskError``); the original is ``exc.cause`` / re-raised as its
-own type by ``DeploymentHandle`` calls in Ray 2.60 when it is picklable, as these are.
+Ray Serve re-raises an exception of a replica in the caller as a subclass of its own type (``RayTaskError``, the
+original in ``.cause``) when it is picklable, as these are.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from opsvlm.data.yolo import StageOneDetection
 from opsvlm.tasks.inspection_detect.detector import (
     Detection,
     DetectorConfig,
@@ -45,9 +41,53 @@ from opsvlm.tasks.inspection_detect.detector import (
 from opsvlm.tasks.inspection_detect.load import load_detector
 from opsvlm.tasks.inspection_detect_ray.registry import read_meta, resolve_detector
 
+__all__ = ["DetectorServer", "DetectorUnavailable", "detector_deployment", "pin_reference"]
+
+_MODELS_REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
+_RUNS_REF = re.compile(r"runs:/(?P<run_id>[^/]+)(?:/.*)?")
+
 
 class DetectorUnavailable(RuntimeError):
     """The replica has no usable detector (the message says why: bad reference, unmapped class, ...)."""
+
+
+def pin_reference(ref: str, tracking_uri: str = "") -> tuple[str, dict[str, Any]]:
+    """A registry reference pinned to one version, and what it names.
+
+    ``models:/<name>@<alias>`` becomes ``models:/<name>/<version>`` (the version the alias points to now), so the
+    weights loaded and the version reported are the same even if the alias moves meanwhile.
+
+    Returns:
+        ``(reference to resolve, {"name", "version", "alias", "run_id"})`` (``None`` where not known: a file).
+
+    Raises:
+        DetectorRefError: naming ``ref``, when the registry does not know it.
+    """
+    from opsvlm.tasks.inspection_detect_ray.registry import DetectorRefError
+    from opsvlm.tracking import resolve_tracking_uri
+
+    info: dict[str, Any] = {"name": None, "version": None, "alias": None, "run_id": None}
+    runs = _RUNS_REF.fullmatch(ref)
+    if runs is not None:
+        return ref, {**info, "run_id": runs["run_id"]}
+    models = _MODELS_REF.fullmatch(ref)
+    if models is None:
+        return ref, info
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        if models["alias"]:
+            version = client.get_model_version_by_alias(models["name"], models["alias"])
+        else:
+            version = client.get_model_version(models["name"], models["version"])
+    except MlflowException as exc:
+        raise DetectorRefError(f"{ref!r}: not found in the model registry at {uri} ({exc.message})") from None
+    pinned = f"models:/{version.name}/{version.version}"
+    return pinned, {"name": version.name, "version": str(version.version), "alias": models["alias"],
+                    "run_id": version.run_id}  # fmt: skip
 
 
 class DetectorServer:
@@ -63,6 +103,8 @@ class DetectorServer:
         device: ``auto``, ``cpu``, ``cuda:0``...
         tracking_uri: MLflow URI for registry references.
         cache_dir: Where downloaded versions go.
+        max_batch_size: Most images per forward pass.
+        batch_wait_timeout_s: Longest wait for more images before a batch runs.
     """
 
     def __init__(
@@ -76,13 +118,19 @@ class DetectorServer:
         device: str = "auto",
         tracking_uri: str = "",
         cache_dir: str | None = None,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
     ):
         self.ref = detector
         self.detector = None
         self.error: str | None = None
-        self.info: dict[str, Any] = {"ref": detector}
+        self.info: dict[str, Any] = {"ref": detector, "name": None, "version": None, "alias": None, "run_id": None}
+        self._detect_batched.set_max_batch_size(max_batch_size)
+        self._detect_batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         try:
-            weights = resolve_detector(detector, prefer=prefer, tracking_uri=tracking_uri or None, cache_dir=cache_dir)
+            pinned, registered = pin_reference(detector, tracking_uri)
+            self.info.update(registered)
+            weights = resolve_detector(pinned, prefer=prefer, tracking_uri=tracking_uri or None, cache_dir=cache_dir)
             meta = read_meta(weights)
             config = DetectorConfig(
                 weights=str(weights),
@@ -112,6 +160,17 @@ class DetectorServer:
         if isinstance(result, Exception):
             raise result
         return result
+
+    async def stage_one(self, image: np.ndarray) -> tuple[list[StageOneDetection], dict[str, Any]]:
+        """The detections of one image as stage 2 takes them (``index`` = rank by score), and the detector version.
+
+        Raises:
+            DetectorError: not a uint8[H, W, 3] array.
+            DetectorUnavailable: the replica has no usable detector.
+        """
+        detections = await self.detect(image)
+        version = {k: self.info.get(k) for k in ("name", "version", "alias", "run_id")}
+        return [d.to_stage_one(i) for i, d in enumerate(detections)], version
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _detect_batched(self, images: list[np.ndarray]) -> list[list[Detection] | Exception]:
