@@ -61,8 +61,10 @@ def run(job: str, seeds: list[int], extra: list[str]) -> None:
             print(f"{job} seed {seed}: {wall:.0f} s, {json.dumps({k: v for k, v in summary.items() if 'test' in k})}")
 
 
-def _cell(value: float, ci: list[float] | None) -> str:
-    return f"{value:.3f}" if not ci else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+def _cell(value: float | None, ci: list[float | None] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if not ci or None in ci else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def tables(job: str) -> dict[str, str]:
@@ -100,10 +102,35 @@ def tables(job: str) -> dict[str, str]:
     return {f"{job}-seeds": "\n".join(seeds), f"{job}-systems": "\n".join(systems)}
 
 
+def annotation_table() -> dict[str, str]:
+    """The README block of a stored ``jobs/annotate.py`` run (``reports/annotate/test_{scores,summary}.json``)."""
+    folder = REPORTS / "annotate"
+    if not (folder / "test_scores.json").is_file():
+        return {}
+    scores = json.loads((folder / "test_scores.json").read_text())
+    summary = json.loads((folder / "test_summary.json").read_text())
+    metrics = ("frame_macro_f1", "edit_score", "f1_at_10", "f1_at_25", "f1_at_50", "next_accuracy_at_boundaries")
+    lines = [
+        f"{summary['sessions_scored']} test session(s), {summary['seconds_annotated']:.0f} s annotated, decoder "
+        f"`{summary['decoder']}` (chosen on the validation subject), grammar: {summary['grammar'].split(' of ')[0]}.",
+        "",
+        "| system | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name, values in scores.items():
+        if isinstance(values, dict):
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_cell(values.get(m), values.get(f"{m}_ci95")) for m in metrics)
+                + " |"
+            )
+    return {"annotate": "\n".join(lines)}
+
+
 def render() -> None:
     """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block of the README that has data."""
     text = README.read_text()
-    blocks = {name: block for job in JOBS for name, block in tables(job).items()}
+    blocks = {name: block for job in JOBS for name, block in tables(job).items()} | annotation_table()
     for name, block in blocks.items():
         start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
         if start not in text or end not in text:
