@@ -120,17 +120,38 @@ def annotation_table() -> dict[str, str]:
     for name, values in scores.items():
         if isinstance(values, dict):
             lines.append(
-                f"| {name} | "
-                + " | ".join(_cell(values.get(m), values.get(f"{m}_ci95")) for m in metrics)
-                + " |"
+                f"| {name} | " + " | ".join(_cell(values.get(m), values.get(f"{m}_ci95")) for m in metrics) + " |"
             )
     return {"annotate": "\n".join(lines)}
+
+
+def stage1_table() -> dict[str, str]:
+    """The README block of a stored two-stage system evaluation (``reports/stage1/system_eval.json``)."""
+    path = REPORTS / "stage1" / "system_eval.json"
+    if not path.is_file():
+        return {}
+    stored = json.loads(path.read_text())
+    table, intervals, seconds = stored["table"], stored["intervals"], stored["seconds"]
+    first = next(iter(table.values()))
+    metrics = ("detection/precision", "detection/recall", "matched/macro_f1", "e2e/macro_f1", "e2e/accuracy")
+    lines = [
+        f"Test split: {int(first['n_images'])} images, {int(first['n_true'])} objects; 95% intervals by image. "
+        f"Seconds per image: detector {seconds['detect']:.3f}, VLM on the detected objects {seconds['classify']:.3f}"
+        f" ({seconds['classify_per_object']:.3f} per object).",
+        "",
+        "| system | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name, values in table.items():
+        cis = intervals.get(name, {})
+        lines.append(f"| {name} | " + " | ".join(_cell(values.get(m), cis.get(m)) for m in metrics) + " |")
+    return {"stage1": "\n".join(lines)}
 
 
 def render() -> None:
     """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block of the README that has data."""
     text = README.read_text()
-    blocks = {name: block for job in JOBS for name, block in tables(job).items()} | annotation_table()
+    blocks = {name: block for job in JOBS for name, block in tables(job).items()} | annotation_table() | stage1_table()
     for name, block in blocks.items():
         start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
         if start not in text or end not in text:
