@@ -53,7 +53,7 @@ def _load() -> float:
 
 def recording(workdir: Path, minutes: float, fps: int, size: int) -> Path:
     """The cached synthetic OpenPack-layout root holding one recording of about ``minutes``."""
-    from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
+    from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_dataset
 
     root = workdir / f"data-{minutes:g}min-{fps}fps-{size}px"
     if not (root / "done").is_file():

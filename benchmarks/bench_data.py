@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from opsvlm.data.clips import ClipConfig
-from opsvlm.data.openpack import SessionSource, discover_sessions
 from opsvlm.data.pipeline import PrepareConfig, SessionPlan, plan_sessions, prepare
-from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
+from opsvlm.tasks.operations.data.clips import ClipConfig
+from opsvlm.tasks.operations.data.openpack import SessionSource, discover_sessions
+from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_dataset
 from opsvlm.testing.cluster import start_ray
 from opsvlm.video.decode import ClipFrames, ClipWindow, iter_session_clips
 from opsvlm.video.sampling import SamplingSpec, uniform_indices

@@ -6,7 +6,7 @@ Run (from the repository root, with the project's virtual environment)::
     .venv/bin/python benchmarks/bench_train.py --quick          # 2 warm-up + 4 timed steps: smoke test
     .venv/bin/python benchmarks/bench_train.py --steps 60 --repeats 2 --workdir /tmp/bench_train
 
-What runs. Synthetic sessions (OpenPack layout, H.264, 112x112 @ 15 fps; ``opsvlm.data.synthetic``) are prepared
+What runs. Synthetic sessions (OpenPack layout, H.264, 112x112 @ 15 fps; ``operations.data.synthetic``) are prepared
 once with ``opsvlm.data.pipeline.prepare`` into 4-frame clips of at most 112x112 pixels (4 s windows every 2 s, all
 subjects in the ``train`` split), cached under ``--workdir`` and keyed by their parameters (a smaller run reuses a
 bigger cache). Both contestants train
@@ -107,9 +107,9 @@ def load_avg() -> float:
 
 def prepared_clips(workdir: Path, clips_needed: int, cpus: int) -> tuple[Path, int]:
     """Synthetic sessions cut into 4-frame clips, all in the train split; generated and prepared once, then reused."""
-    from opsvlm.data.clips import ClipConfig
     from opsvlm.data.pipeline import PrepareConfig, prepare
-    from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
+    from opsvlm.tasks.operations.data.clips import ClipConfig
+    from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_dataset
     from opsvlm.testing.cluster import start_ray
     from opsvlm.video.sampling import SamplingSpec
 

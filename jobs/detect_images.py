@@ -1,6 +1,6 @@
 """Detect the inspection task's objects in a folder of images with Ray Data (stage 1 only).
 
-Writes per-image JSON (the stage-1 detections format ``/predict_objects`` and ``opsvlm.data.yolo`` read) and a
+Writes per-image JSON (the stage-1 detections format ``/predict_objects`` and ``tasks.inspection.data.yolo`` read) and a
 YOLO-format prediction export (``labels/*.txt``: ``class cx cy w h score``, ``data.yaml`` with the names). Logic:
 ``opsvlm.tasks.inspection_detect_ray.batch``::
 

@@ -1,7 +1,7 @@
 """Generate a synthetic OpenPack-layout dataset: operations CSVs plus rendered H.264 videos of a packing bench.
 
 Real OpenPack RGB is access-restricted; these sessions have the same layout, so everything downstream reads them
-exactly like real data (``opsvlm.data.openpack.discover_sessions``). All logic lives in ``opsvlm.data.synthetic``.
+exactly like real data (``openpack.discover_sessions``). All logic lives in ``tasks.operations.data.synthetic``.
 
 Run locally::
 
@@ -26,8 +26,8 @@ import argparse
 import sys
 import time
 
-from opsvlm.data.openpack import read_operations_csv
-from opsvlm.data.synthetic import GeneratorConfig, generate_session, summarize
+from opsvlm.tasks.operations.data.openpack import read_operations_csv
+from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_session, summarize
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -1,8 +1,8 @@
 """Generate a synthetic infrastructure-inspection dataset in the Roboflow YOLO segmentation layout.
 
 Scenes of slopes with slope drains, a toe drain, a rock toe and vegetation, each object labelled with one of the 9
-condition classes (``opsvlm.data.yolo.CONDITION_CLASSES``) as a polygon; the output reads exactly like a Roboflow
-export (``opsvlm.data.yolo.read_dataset``). All logic lives in ``opsvlm.data.synthetic_inspection``.
+condition classes (``inspection.data.yolo.CONDITION_CLASSES``) as a polygon; the output reads exactly like a Roboflow
+export (``tasks.inspection.data.yolo.read_dataset``). All logic lives in ``tasks.inspection.data.synthetic``.
 
 Run locally::
 
@@ -25,8 +25,8 @@ import argparse
 import json
 import sys
 
-from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
-from opsvlm.data.yolo import read_dataset
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
+from opsvlm.tasks.inspection.data.yolo import read_dataset
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

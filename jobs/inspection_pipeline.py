@@ -28,9 +28,9 @@ from pathlib import Path
 
 from opsvlm.config import load_config
 from opsvlm.data.inspection_prep import InspectionPrepConfig, prepare_inspection
-from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
 from opsvlm.evaluate.run import EvalConfig
 from opsvlm.runtime import init_ray
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.workflow import STAGES, train_evaluate_promote
 
@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     # 1. synthetic inspection scenes in the Roboflow YOLO segmentation layout
     generated = generate_inspection_dataset(work / "scenes", config.generate, overwrite=True)
     objects = sum(generated.objects_per_class.values())
-    print(f"[1/{STAGES}] generated {config.generate.images} scenes with {objects} objects in {work / 'scenes'}", flush=True)
+    print(
+        f"[1/{STAGES}] generated {config.generate.images} scenes with {objects} objects in {work / 'scenes'}",
+        flush=True,
+    )
 
     # 2. one example per object: the image resized with the spec, the target marked, its neighbours listed
     prepare_config = dataclasses.replace(

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opsvlm.config import load_config
-from opsvlm.data.clips import ClipConfig
 from opsvlm.data.pipeline import PrepareConfig, prepare
-from opsvlm.data.synthetic import GeneratorConfig, generate_dataset
 from opsvlm.evaluate.run import EvalConfig
 from opsvlm.runtime import init_ray
+from opsvlm.tasks.operations.data.clips import ClipConfig
+from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_dataset
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.video.sampling import SamplingSpec
 from opsvlm.workflow import STAGES, train_evaluate_promote
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     # 2. prepare clips with Ray Data
     prepare_config = dataclasses.replace(config.prepare, source=str(work / "synthetic"), out=str(work / "prepared"))
     prepared = prepare(prepare_config)
-    print(f"[2/{STAGES}] prepared {prepared['clips_written']} clips ({prepared['clips_rejected']} rejected)", flush=True)
+    print(
+        f"[2/{STAGES}] prepared {prepared['clips_written']} clips ({prepared['clips_rejected']} rejected)", flush=True
+    )
 
     # 3-6. train, choose on validation (register + promotion gate), report on test (opsvlm.workflow)
     train_evaluate_promote(

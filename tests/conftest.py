@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opsvlm.data.openpack import Segment, SessionTimeline, annotation_path, video_path, write_operations_csv
+from opsvlm.tasks.operations.data.openpack import (
+    Segment,
+    SessionTimeline,
+    annotation_path,
+    video_path,
+    write_operations_csv,
+)
 from opsvlm.video.encode import write_video
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "openpack-sample"

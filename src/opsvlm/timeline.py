@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from opsvlm.data.clips import ClipConfig, window_starts
-from opsvlm.data.openpack import (
+from opsvlm.tasks.operations.data.clips import ClipConfig, window_starts
+from opsvlm.tasks.operations.data.openpack import (
     VIDEO_SUFFIXES,
     AnnotationError,
     SessionTimeline,
@@ -203,7 +203,7 @@ def media_span(recording: Recording, media_start_s: float, spec: SamplingSpec, d
 
 def plan_windows(start_s: float, end_s: float, window_s: float, stride_s: float) -> list[tuple[float, float]]:
     """Windows over ``[start_s, end_s)``: every ``stride_s`` from the start, one more aligned to the end when the
-    last does not reach it, one shorter window for media shorter than ``window_s`` (``opsvlm.data.clips`` rules)."""
+    last does not reach it, one shorter window for media shorter than ``window_s`` (``operations.data.clips`` rules)."""
     config = ClipConfig(window_s, stride_s)
     duration = end_s - start_s
     return [

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from opsvlm.data.clips import ClipConfig
 from opsvlm.data.pipeline import PrepareConfig, prepare
+from opsvlm.tasks.operations.data.clips import ClipConfig
 from opsvlm.testing.processes import free_port, healthy, stop_process
 from opsvlm.video.sampling import SamplingSpec
 from tests.conftest import make_session

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
-from opsvlm.data.yolo import OBJECT_TYPES, load_detections_json, read_dataset
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
+from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES, load_detections_json, read_dataset
 from opsvlm.tasks.inspection_detect.detector import DetectorConfig, DetectorError, UnmappedClassError
 from opsvlm.tasks.inspection_detect.load import load_detector
 from opsvlm.tasks.inspection_detect.ultralytics_backend import YoloTrainSettings

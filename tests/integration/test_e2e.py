@@ -554,6 +554,7 @@ def test_pipeline_job_on_a_cluster_then_serve_the_champion(mlflow_url: str, ray_
 
     print(
         f"\ne2e: job {submission_id} SUCCEEDED after {job_seconds:.0f} s; champion v{version} "
-        f"(test weighted_score {summary['test_weighted_score']:.3f}); Serve answered {time.monotonic() - serve_started:.0f} s "
+        f"(test weighted_score {summary['test_weighted_score']:.3f}); "
+        f"Serve answered {time.monotonic() - serve_started:.0f} s "
         f"after RUNNING; total {time.monotonic() - started:.0f} s"
     )

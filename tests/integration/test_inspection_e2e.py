@@ -19,9 +19,9 @@ import pytest
 
 from opsvlm.config import load_config
 from opsvlm.data.inspection_prep import InspectionPrepConfig, prepare_inspection
-from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
-from opsvlm.data.yolo import CONDITION_CLASSES, class_condition, read_dataset
 from opsvlm.evaluate.run import EvalConfig, evaluate
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, class_condition, read_dataset
 from opsvlm.testing.processes import free_port
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.train.loop import fit

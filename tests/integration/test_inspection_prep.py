@@ -13,9 +13,9 @@ import pytest
 
 from jobs.prepare_inspection import main as prepare_job
 from opsvlm.data.inspection_prep import InspectionPrepConfig, prepare_inspection
-from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
-from opsvlm.data.yolo import CONDITION_CLASSES
 from opsvlm.tasks.base import get_task
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES
 from opsvlm.video.sampling import SamplingSpec
 
 pytestmark = pytest.mark.integration

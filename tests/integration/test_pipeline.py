@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from opsvlm.data.clips import ClipConfig
-from opsvlm.data.openpack import annotation_path, discover_sessions, video_path
 from opsvlm.data.pipeline import PrepareConfig, clip_dataset, frames_of, plan_sessions, prepare
+from opsvlm.tasks.operations.data.clips import ClipConfig
+from opsvlm.tasks.operations.data.openpack import annotation_path, discover_sessions, video_path
 from opsvlm.video.decode import ClipWindow, iter_session_clips
 from opsvlm.video.sampling import SamplingSpec
 from tests.conftest import make_session

@@ -2,8 +2,15 @@ import datetime as dt
 
 import pytest
 
-from opsvlm.data.clips import ClipConfig, ClipRecord, label_runs, make_clips, split_subjects, window_starts
-from opsvlm.data.openpack import Segment, SessionTimeline, read_operations_csv
+from opsvlm.tasks.operations.data.clips import (
+    ClipConfig,
+    ClipRecord,
+    label_runs,
+    make_clips,
+    split_subjects,
+    window_starts,
+)
+from opsvlm.tasks.operations.data.openpack import Segment, SessionTimeline, read_operations_csv
 
 ORIGIN = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 

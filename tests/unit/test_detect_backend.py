@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from opsvlm.data.yolo import Detection as LabelRow
-from opsvlm.data.yolo import LabelledImage
+from opsvlm.tasks.inspection.data.yolo import Detection as LabelRow
+from opsvlm.tasks.inspection.data.yolo import LabelledImage
 from opsvlm.tasks.inspection_detect.detector import DetectorError
 from opsvlm.tasks.inspection_detect.matching import ImageBoxes, detection_map
 from opsvlm.tasks.inspection_detect.scoring import bootstrap_map, detector_boxes, flat_map_metrics, prior_boxes

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from opsvlm.data.synthetic_inspection import InspectionConfig, generate_inspection_dataset
-from opsvlm.data.yolo import CONDITION_CLASSES, OBJECT_TYPES, load_detections_json, read_dataset
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, OBJECT_TYPES, load_detections_json, read_dataset
 from opsvlm.tasks.inspection_detect.dataset import write_detection_dataset
 from opsvlm.tasks.inspection_detect.detector import (
     ClassMapping,

@@ -9,7 +9,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opsvlm.data.yolo import CONDITION_CLASSES
 from opsvlm.inference import AnswerConstraint, Predictor
 from opsvlm.model.build import ModelConfig, load_base_model, load_processor
 from opsvlm.tasks.base import get_task
@@ -30,6 +29,7 @@ from opsvlm.tasks.inspection import (
     spatial_relation,
     target_text,
 )
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES
 from opsvlm.testing.tiny import ensure_tiny_model
 from opsvlm.train.examples import collate, encode_row, encode_training_example, model_inputs, prompt_text
 from opsvlm.train.weighting import weighted_answer_loss

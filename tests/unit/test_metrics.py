@@ -21,6 +21,7 @@ from opsvlm.metrics import (
     per_class_f1,
     per_class_recall,
 )
+from opsvlm.tasks.operations import LABEL_NAMES, NULL, OPERATIONS
 from opsvlm.tasks.operations.metrics import (
     CONFUSION_COLUMNS,
     OPERATION_NAMES,
@@ -33,7 +34,6 @@ from opsvlm.tasks.operations.metrics import (
     segment_ious,
     weighted_score,
 )
-from opsvlm.tasks.operations import LABEL_NAMES, NULL, OPERATIONS
 
 # ---------------------------------------------------------------------------------------------------------------------
 # segment_iou

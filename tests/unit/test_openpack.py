@@ -3,7 +3,8 @@ import datetime as dt
 
 import pytest
 
-from opsvlm.data.openpack import (
+from opsvlm.tasks.operations import ALL_LABELS, LABEL_NAMES, NULL, OPERATIONS, operation_by_id, operation_by_name
+from opsvlm.tasks.operations.data.openpack import (
     AnnotationError,
     discover_sessions,
     frame_name,
@@ -12,7 +13,6 @@ from opsvlm.data.openpack import (
     read_operations_csv,
     write_operations_csv,
 )
-from opsvlm.tasks.operations import ALL_LABELS, LABEL_NAMES, NULL, OPERATIONS, operation_by_id, operation_by_name
 
 
 def test_label_space_is_openpacks_ten_operations_plus_null():

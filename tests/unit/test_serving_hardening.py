@@ -402,8 +402,8 @@ def test_the_model_queue_sheds_when_full_and_drops_expired_work():
 
 
 def test_a_detector_stage_plugs_into_predict_objects(checkpoints, media):
-    from opsvlm.data.yolo import StageOneDetection
     from opsvlm.serving import clips, objects
+    from opsvlm.tasks.inspection.data.yolo import StageOneDetection
 
     found: list = [StageOneDetection("slope_drain", "slope drain", (0.1, 0.1, 0.5, 0.5), 0.8, 0)]
     seen = []

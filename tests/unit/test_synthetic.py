@@ -12,7 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from opsvlm.data.openpack import (
+from opsvlm.tasks.operations import BY_ID, NULL, PROCEDURE
+from opsvlm.tasks.operations.data.openpack import (
     annotation_path,
     discover_sessions,
     frame_time_from_name,
@@ -23,7 +24,7 @@ from opsvlm.data.openpack import (
     video_path,
     write_operations_csv,
 )
-from opsvlm.data.synthetic import (
+from opsvlm.tasks.operations.data.synthetic import (
     OPERATION_DURATIONS,
     REPEAT_PAIRS,
     SKIPPABLE_IDS,
@@ -39,7 +40,6 @@ from opsvlm.data.synthetic import (
     subject_style,
     summarize,
 )
-from opsvlm.tasks.operations import BY_ID, NULL, PROCEDURE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REAL_SAMPLE = Path("/work/shared/openpack-sample/U0209/annotation/openpack-operations/S0500.csv")

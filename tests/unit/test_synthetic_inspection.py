@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from jobs import generate_inspection
-from opsvlm.data.synthetic_inspection import (
+from opsvlm.tasks.inspection.data.synthetic import (
     COVERAGE_PLANS,
     InspectionConfig,
     ScenePlan,
@@ -23,7 +23,7 @@ from opsvlm.data.synthetic_inspection import (
     render_scene,
     split_counts,
 )
-from opsvlm.data.yolo import CONDITION_CLASSES, class_condition, read_dataset
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, class_condition, read_dataset
 
 SPLITS = ("train", "val", "test")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics
 from opsvlm.tasks.base import get_task
 from opsvlm.tasks.operations import LABEL_NAMES, ClipInput, OperationsTask, target_text
+from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics
 
 
 def test_get_task_names_the_known_tasks() -> None:

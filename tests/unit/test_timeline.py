@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from opsvlm.data.openpack import Segment, SessionTimeline, read_operations_csv
+from opsvlm.tasks.operations.data.openpack import Segment, SessionTimeline, read_operations_csv
 from opsvlm.tasks.operations_timeline import timeline_for
 from opsvlm.tasks.operations_timeline.boxes import assign_boxes, box_figures, classify_transition, session_figures
 from opsvlm.tasks.operations_timeline.fusion import WindowScores, fuse

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from opsvlm.data.yolo import (
+from opsvlm.tasks.inspection.data.yolo import (
     BAD_CLASS_ID,
     CLASS_OUT_OF_RANGE,
     CONDITION_CLASSES,

@@ -1,6 +1,6 @@
 """Prepare inspection examples: a YOLO dataset -> one rendered example per object -> Parquet shards + manifest.
 
-The YOLO reader (:mod:`opsvlm.data.yolo`) lists images and their objects and accounts for every label line; here
+The YOLO reader (:mod:`inspection.data.yolo`) lists images and their objects and accounts for every label line; here
 each image with objects becomes one Ray Data record, decoded once by one task, and emits one row per object: the
 image resized with the model's SamplingSpec with that object's box drawn on it
 (:func:`opsvlm.tasks.inspection.render_input`), the target's box and type, and every other object of the image.
@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opsvlm.config import to_dict
-from opsvlm.data.yolo import CONDITION_CLASSES, canonical_class_name, class_condition, read_dataset
 from opsvlm.tasks.inspection import InspectionTask, mark_target, render_closeup, resize_image
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, canonical_class_name, class_condition, read_dataset
 from opsvlm.video.sampling import SamplingSpec
 
 __all__ = [
@@ -144,7 +144,7 @@ def plan_images(splits: dict, strict: bool = False) -> ImagePlan:
     """Turn the reader's images into decoding records (no pixels are touched here).
 
     Args:
-        splits: ``{split: [LabelledImage]}`` from :func:`opsvlm.data.yolo.read_dataset`.
+        splits: ``{split: [LabelledImage]}`` from :func:`opsvlm.tasks.inspection.data.yolo.read_dataset`.
         strict: Raise on an unknown class name instead of counting it.
 
     Raises:
@@ -292,7 +292,7 @@ def prepare_inspection(config: InspectionPrepConfig) -> dict:
 
     Raises:
         FileExistsError: ``<out>/examples`` exists and ``overwrite`` is off.
-        ValueError, FileNotFoundError: see :func:`opsvlm.data.yolo.read_dataset` and :func:`plan_images`.
+        ValueError, FileNotFoundError: see :func:`tasks.inspection.data.yolo.read_dataset` and :func:`plan_images`.
     """
     started = time.time()
     out = Path(config.out)

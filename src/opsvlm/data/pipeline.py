@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opsvlm.config import to_dict
-from opsvlm.data.clips import ClipConfig, ClipRecord, make_clips, split_subjects
-from opsvlm.data.openpack import (
+from opsvlm.tasks.operations import OperationsTask
+from opsvlm.tasks.operations.data.clips import ClipConfig, ClipRecord, make_clips, split_subjects
+from opsvlm.tasks.operations.data.openpack import (
     AnnotationError,
     SessionSource,
     discover_sessions,
@@ -32,7 +33,6 @@ from opsvlm.data.openpack import (
     list_frames,
     read_operations_csv,
 )
-from opsvlm.tasks.operations import OperationsTask
 from opsvlm.video.decode import ClipFrames, ClipRejection, ClipWindow, decode_session_views
 from opsvlm.video.sampling import SamplingSpec
 
@@ -127,7 +127,7 @@ def plan_sessions(
     """Read every session's annotation and cut it into labelled clips (no media is touched here).
 
     Args:
-        sources: Sessions from :func:`opsvlm.data.openpack.discover_sessions`.
+        sources: Sessions from :func:`opsvlm.tasks.operations.data.openpack.discover_sessions`.
         clip_config: Window length and stride.
         split_of_subject: ``{subject: split}``.
 
@@ -408,7 +408,7 @@ def clip_dataset(
 ):
     """A Ray Dataset with one row per clip of every planned session (decoded lazily, in parallel).
 
-    Columns: see ``CLIP_SCHEMA``: the :class:`~opsvlm.data.clips.ClipRecord` fields, ``split``, ``status``
+    Columns: see ``CLIP_SCHEMA``: the :class:`~tasks.operations.data.clips.ClipRecord` fields, ``split``, ``status``
     (``ok`` / ``rejected``), ``reason``, ``detail``, ``frames`` (raw bytes of uint8[K, H, W, 3]), ``frame_shape``,
     ``frame_times_s`` (clip-relative seconds) and ``source_fps``.
     """

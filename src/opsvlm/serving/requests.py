@@ -554,7 +554,7 @@ def _check_detection_count(raw: Any, limits: ServingLimits) -> None:
 
 
 def parse_object_detections(raw: Any, width: int, height: int, name: str, max_detections: int) -> list[Any]:
-    """Validate stage-1 detections for one decoded image (:func:`opsvlm.data.yolo.parse_detections` rules).
+    """Validate stage-1 detections for one decoded image (:func:`tasks.inspection.data.yolo.parse_detections` rules).
 
     Args:
         raw: A JSON list of ``{"label", "box", "normalized", "score"}`` (or its text).
@@ -564,12 +564,12 @@ def parse_object_detections(raw: Any, width: int, height: int, name: str, max_de
         max_detections: Most detections accepted.
 
     Returns:
-        :class:`opsvlm.data.yolo.StageOneDetection` objects, boxes normalised to [0, 1].
+        :class:`opsvlm.tasks.inspection.data.yolo.StageOneDetection` objects, boxes normalised to [0, 1].
 
     Raises:
         ServingError: 422 naming the field for missing, malformed or out-of-image detections; 413 for too many.
     """
-    from opsvlm.data.yolo import DetectionsJsonError, parse_detections
+    from opsvlm.tasks.inspection.data.yolo import DetectionsJsonError, parse_detections
 
     if raw is None:
         raise ServingError(422, "missing_detections", "send 'detections': the stage-1 objects to classify")

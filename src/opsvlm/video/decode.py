@@ -148,7 +148,7 @@ class _JpegFramesReader(_MediaReader):
     """OpenPack RGB layout: one JPEG per frame, named by capture time."""
 
     def __init__(self, directory: str, origin_offset_s: float):
-        from opsvlm.data.openpack import frame_time_from_name, list_frames
+        from opsvlm.tasks.operations.data.openpack import frame_time_from_name, list_frames
 
         self.paths = list_frames(directory)
         if not self.paths:

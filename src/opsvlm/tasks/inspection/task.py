@@ -1,7 +1,7 @@
 """The ``inspection`` task: the condition of one object in an infrastructure-inspection image.
 
 A stage-1 detector finds slope drains, toe drains, rock toes and vegetation; for each object the VLM names its class
-among the 9 condition classes of :data:`opsvlm.data.yolo.CONDITION_CLASSES` (``"Toe drain- Blocked"``,
+among the 9 condition classes of :data:`opsvlm.tasks.inspection.data.yolo.CONDITION_CLASSES` (``"Toe drain- Blocked"``,
 ``"rock toe damaged"``, ...). One example is one object: the model sees the whole image with the target's box drawn
 on it (:func:`render_input`) and a close-up of the target (:func:`render_closeup`: the box plus a margin, at the same
 pixel budget), and the prompt states the target's box in normalised coordinates, its detected type and the other
@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from opsvlm.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_condition
 from opsvlm.tasks.base import Task, register_task
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_condition
 from opsvlm.video.sampling import SamplingSpec
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The detector's training data: a YOLO export with its classes collapsed (the 9 condition classes -> 4 object types).
 
-:func:`write_detection_dataset` reads a Roboflow / Ultralytics export with :func:`opsvlm.data.yolo.read_dataset`
+:func:`write_detection_dataset` reads a Roboflow / Ultralytics export with :func:`inspection.data.yolo.read_dataset`
 (its accounting and error rules: bad rows are reported, never silently dropped, or raised with ``strict``) and writes
 a detection dataset Ultralytics trains on::
 
@@ -9,7 +9,7 @@ a detection dataset Ultralytics trains on::
     out/labels/<split>/<stem>.txt       one ``class cx cy w h`` row per object (the polygon's bounds)
 
 The collapse is a mapping from the source's class names to detector class names; the default maps each condition
-class to its object type, so the detector's names are :data:`opsvlm.data.yolo.OBJECT_TYPES` in that order. A source
+class to its object type, so the detector's names are :data:`inspection.data.yolo.OBJECT_TYPES` in that order. A source
 class without a mapping is an error naming it.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from opsvlm.data.yolo import OBJECT_TYPES, class_condition, read_data_yaml, read_dataset
+from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES, class_condition, read_data_yaml, read_dataset
 from opsvlm.tasks.inspection_detect.detector import DetectorError, normalise_name
 
 __all__ = [

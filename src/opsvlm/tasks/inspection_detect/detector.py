@@ -1,7 +1,7 @@
 """The stage-1 detector interface: detections, the class mapping to object types, the config and the loader.
 
 A detector turns one RGB image into boxes, each with a detector class name and a score. The inspection task knows 4
-object types (:data:`opsvlm.data.yolo.OBJECT_TYPES`); a :class:`ClassMapping` says which type each of the detector's
+object types (:data:`inspection.data.yolo.OBJECT_TYPES`); a :class:`ClassMapping` says which type each of the detector's
 class names is. It is checked when the detector loads: a class name without a mapping is an error that names it (and
 the mapping's keys), never a silently dropped box. The default mapping accepts the 4 types themselves and the 9
 condition class names (a detector trained on the un-collapsed export), ignoring case, ``-``, ``_`` and spacing.
@@ -19,7 +19,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from opsvlm.data.yolo import CONDITION_CLASSES, OBJECT_TYPES, StageOneDetection, class_condition, object_type_of
+from opsvlm.tasks.inspection.data.yolo import (
+    CONDITION_CLASSES,
+    OBJECT_TYPES,
+    StageOneDetection,
+    class_condition,
+    object_type_of,
+)
 
 __all__ = [
     "BACKENDS",
@@ -56,7 +62,7 @@ class Detection:
 
     Attributes:
         box: ``(x1, y1, x2, y2)`` normalised to [0, 1] by the image width and height.
-        object_type: The task's object type (one of :data:`opsvlm.data.yolo.OBJECT_TYPES`).
+        object_type: The task's object type (one of :data:`opsvlm.tasks.inspection.data.yolo.OBJECT_TYPES`).
         score: Detector confidence in [0, 1].
         class_name: The detector's own class name (before the mapping).
     """
@@ -73,7 +79,7 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, in the stage-1 detections format of ``/predict_objects`` and
-        :func:`opsvlm.data.yolo.parse_detections` (``label`` = object type, normalised box) plus ``class_name``."""
+        :func:`inspection.data.yolo.parse_detections` (``label`` = object type, normalised box) plus ``class_name``."""
         return {
             "label": self.object_type,
             "box": [float(v) for v in self.box],
@@ -83,7 +89,7 @@ class Detection:
         }
 
     def to_stage_one(self, index: int) -> StageOneDetection:
-        """The :class:`opsvlm.data.yolo.StageOneDetection` that stage 2 (``serving.predict_objects``) consumes."""
+        """The :class:`inspection.data.yolo.StageOneDetection` that stage 2 (``serving.predict_objects``) consumes."""
         return StageOneDetection(self.object_type, self.object_type, tuple(self.box), float(self.score), index)
 
 

@@ -1,7 +1,7 @@
 """Writing detections: one JSON record per image and YOLO-format prediction files. Pure Python.
 
 * :func:`image_record`: ``{"image", "width", "height", "detections": [...]}`` in the stage-1 detections format
-  (:func:`opsvlm.data.yolo.load_detections_json` reads it back; ``/predict_objects`` accepts its ``detections``).
+  (:func:`inspection.data.yolo.load_detections_json` reads it back; ``/predict_objects`` accepts its ``detections``).
 * :func:`yolo_prediction_lines`: ``class cx cy w h score`` rows (normalised), the layout Ultralytics writes with
   ``save_txt=True, save_conf=True``, class ids in the order of ``names``.
 * :func:`write_predictions_yaml`: the ``names`` file that goes with them.
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from opsvlm.data.yolo import OBJECT_TYPES
+from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES
 from opsvlm.tasks.inspection_detect.detector import Detection
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Scoring a detector on a labelled split: its boxes, mAP with image-bootstrap intervals, and reference detectors.
 
-The labelled images come from :func:`opsvlm.data.yolo.read_split` of the collapsed dataset
+The labelled images come from :func:`opsvlm.tasks.inspection.data.yolo.read_split` of the collapsed dataset
 (:mod:`.dataset`), so their class names are the detector's. Two references that know nothing useful about an image:
 
 * :func:`prior_boxes`: for each type, its mean training box placed in every image with the type's training frequency
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from opsvlm.data.yolo import LabelledImage
+from opsvlm.tasks.inspection.data.yolo import LabelledImage
 from opsvlm.tasks.inspection_detect.matching import COCO_IOUS, ImageBoxes, image_hits, map_from_hits
 
 __all__ = [

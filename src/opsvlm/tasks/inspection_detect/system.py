@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from opsvlm.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_condition
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_condition
 from opsvlm.tasks.inspection_detect.matching import as_boxes, match_boxes
 
 __all__ = [
@@ -59,7 +59,7 @@ class TrueObject:
 
     Attributes:
         box: Normalised ``(x1, y1, x2, y2)``.
-        class_name: Its condition class (one of :data:`opsvlm.data.yolo.CONDITION_CLASSES`).
+        class_name: Its condition class (one of :data:`opsvlm.tasks.inspection.data.yolo.CONDITION_CLASSES`).
     """
 
     box: Box

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from opsvlm.data.yolo import IMAGE_SUFFIXES, OBJECT_TYPES
+from opsvlm.tasks.inspection.data.yolo import IMAGE_SUFFIXES, OBJECT_TYPES
 from opsvlm.tasks.inspection_detect.detector import DetectorConfig, DetectorError
 from opsvlm.tasks.inspection_detect.export import image_record, write_predictions_yaml, yolo_prediction_lines
 from opsvlm.tasks.inspection_detect.load import load_detector

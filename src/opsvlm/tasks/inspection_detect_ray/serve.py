@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from opsvlm.data.yolo import StageOneDetection
+from opsvlm.tasks.inspection.data.yolo import StageOneDetection
 from opsvlm.tasks.inspection_detect.detector import (
     Detection,
     DetectorConfig,

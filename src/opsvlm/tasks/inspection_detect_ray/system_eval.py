@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from opsvlm.data.yolo import LabelledImage
+from opsvlm.tasks.inspection.data.yolo import LabelledImage
 from opsvlm.tasks.inspection_detect.scoring import load_rgb
 from opsvlm.tasks.inspection_detect.system import (
     ImageOutcome,
@@ -245,9 +245,9 @@ def evaluate_system(config: SystemEvalConfig) -> dict[str, Any]:
     Returns:
         ``{"run_id", "table", "intervals", "seconds", "n_images"}``.
     """
-    from opsvlm.data.yolo import read_dataset
     from opsvlm.inference import Predictor
     from opsvlm.registry import resolve_model
+    from opsvlm.tasks.inspection.data.yolo import read_dataset
     from opsvlm.tasks.inspection_detect.load import load_detector
     from opsvlm.tasks.inspection_detect.system import vlm_classifier
     from opsvlm.tasks.inspection_detect_ray.batch import BatchDetectConfig, detector_config

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from opsvlm.config import to_dict
-from opsvlm.data.yolo import read_data_yaml, read_split
+from opsvlm.tasks.inspection.data.yolo import read_data_yaml, read_split
 from opsvlm.tasks.inspection_detect.detector import DetectorError
 from opsvlm.tasks.inspection_detect.ultralytics_backend import YoloTrainSettings
 from opsvlm.tasks.inspection_detect_ray.registry import (

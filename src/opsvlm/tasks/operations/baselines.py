@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from opsvlm.tasks.operations.labels import NULL, operation_by_id
 
 if TYPE_CHECKING:
-    from opsvlm.data.openpack import SessionTimeline
+    from opsvlm.tasks.operations.data.openpack import SessionTimeline
 
 __all__ = [
     "grammar_predictions",
@@ -36,7 +36,9 @@ def successor_counts(timelines: Iterable[SessionTimeline]) -> dict[str, Counter]
         ``{operation name: Counter({next operation name: count})}``; the last operation of a session is followed by
         ``Null`` (nothing follows), as in the clip labels.
     """
-    from opsvlm.data.clips import label_runs  # the data readers import the label set: not at module level
+    from opsvlm.tasks.operations.data.clips import (
+        label_runs,  # the data readers import the label set: not at module level
+    )
 
     counts: dict[str, Counter] = defaultdict(Counter)
     for timeline in timelines:

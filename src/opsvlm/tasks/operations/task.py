@@ -288,7 +288,7 @@ class OperationsTask(Task):
         train_rows: Sequence[Mapping[str, Any]],
         manifest: Mapping[str, Any],
     ) -> dict[str, list[Mapping[str, Any] | None]]:
-        from opsvlm.data.openpack import discover_sessions, read_operations_csv
+        from opsvlm.tasks.operations.data.openpack import discover_sessions, read_operations_csv
 
         b = baselines
 

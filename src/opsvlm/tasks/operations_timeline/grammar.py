@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opsvlm.data.openpack import SessionTimeline
+from opsvlm.tasks.operations.data.openpack import SessionTimeline
 from opsvlm.tasks.operations.labels import PROCEDURE
 from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, SecondGrid, runs_of, truth_labels
 

@@ -3,7 +3,7 @@
 OpenPack scores operations second by second on whole unix seconds (``openpack-operations-1hz``): the row at unix
 second ``u`` (milliseconds in the file) carries the operation of the latest annotation row that started before
 ``u + 1`` s; time between rows keeps the previous operation (checked against the real ``U0209/S0500`` files by a
-unit test). A session's time origin (t = 0) is its first annotation row's start (``opsvlm.data.openpack``), which
+unit test). A session's time origin (t = 0) is its first annotation row's start (``operations.data.openpack``), which
 rarely falls on a whole second, so cell ``k`` of the grid covers session time ``[k - frac, k + 1 - frac)`` where
 ``frac`` is the origin's fraction of a second. For a recording without annotation the origin is its first frame and
 ``frac`` is 0.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opsvlm.data.openpack import SessionTimeline
+from opsvlm.tasks.operations.data.openpack import SessionTimeline
 from opsvlm.tasks.operations.labels import ALL_LABELS, LABEL_NAMES, NULL
 
 LABELS: tuple[str, ...] = LABEL_NAMES

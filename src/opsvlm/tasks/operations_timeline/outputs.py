@@ -3,7 +3,7 @@
 Pure Python/numpy (the Gantt picture is in :mod:`.plot`).
 
 * ``<session>.csv`` in the ``openpack-operations`` schema (``uuid, user, session, box, id, operation, start, end,
-  actions``) written by the project's own writer, so ``opsvlm.data.openpack.read_operations_csv`` reads it back.
+  actions``) written by the project's own writer, so ``operations.data.openpack.read_operations_csv`` reads it back.
   Predicted rows start and end on whole seconds (the 1 Hz cells); Null seconds are not rows (as in OpenPack's files,
   time between rows is Null). The reader puts the origin at the first row, so the origin of the file is the first
   predicted operation's start (absolute times are what round-trips).
@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from opsvlm.data.openpack import Segment, SessionTimeline, write_operations_csv
+from opsvlm.tasks.operations.data.openpack import Segment, SessionTimeline, write_operations_csv
 from opsvlm.tasks.operations_timeline.boxes import PROCEDURE_INDICES
 from opsvlm.tasks.operations_timeline.grid import LABELS, NULL_INDEX, OP_IDS, runs_of
 from opsvlm.tasks.operations_timeline.session import SessionAnnotation

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from opsvlm.data.openpack import SessionTimeline
+from opsvlm.tasks.operations.data.openpack import SessionTimeline
 from opsvlm.tasks.operations_timeline import boxes as box_mod
 from opsvlm.tasks.operations_timeline.fusion import WindowScores, fuse
 from opsvlm.tasks.operations_timeline.grammar import Grammar, anticipate, argmax_decode, decode

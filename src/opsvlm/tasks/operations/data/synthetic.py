@@ -1,7 +1,7 @@
 """Synthetic warehouse packing sessions written in the real OpenPack layout.
 
 OpenPack's RGB stream is access-restricted, so the platform ships this generator: it writes sessions exactly where
-and how ``opsvlm.data.openpack`` reads real ones (an operations CSV in the real schema, one H.264 MP4 per session and,
+and how ``openpack`` reads real ones (an operations CSV in the real schema, one H.264 MP4 per session and,
 optionally, the JPEG frames of the real RGB layout). Three parts:
 
 * **Timeline** (:func:`generate_timeline`): per box OpenPack's procedure
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opsvlm.data.openpack import (
+from opsvlm.tasks.operations.data.openpack import (
     Segment,
     SessionSource,
     SessionTimeline,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from opsvlm.data.openpack import SessionTimeline
+from opsvlm.tasks.operations.data.openpack import SessionTimeline
 from opsvlm.tasks.operations.labels import NULL, operation_by_id
 
 __all__ = [

@@ -1,8 +1,8 @@
 """Synthetic infrastructure-inspection scenes written as a Roboflow YOLO segmentation dataset.
 
 The inspection task (project issue 7) classifies the condition of slope drains, toe drains, rock toes and vegetation
-into the 9 classes of :data:`opsvlm.data.yolo.CONDITION_CLASSES`. The seed project's photos are not shipped, so this
-generator draws scenes with the same objects and writes them exactly where and how ``opsvlm.data.yolo`` reads a
+into the 9 classes of :data:`inspection.data.yolo.CONDITION_CLASSES`. The seed project's photos are not shipped, so this
+generator draws scenes with the same objects and writes them exactly where and how ``inspection.data.yolo`` reads a
 Roboflow export (``data.yaml`` with ``../train/images`` style paths and the 9 names, ``train|valid|test/images/*.jpg``
 and ``.../labels/*.txt`` polygons).
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from opsvlm.data.yolo import CONDITION_CLASSES, condition_class
+from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, condition_class
 
 __all__ = [
     "BACKGROUND",
@@ -819,7 +819,7 @@ class InspectionSummary:
 def data_yaml_text() -> str:
     """The data.yaml a Roboflow YOLO export of the 9 condition classes carries (paths relative as Roboflow writes)."""
     return (
-        "# Synthetic infrastructure-inspection scenes (opsvlm.data.synthetic_inspection), Roboflow YOLO layout.\n"
+        "# Synthetic infrastructure-inspection scenes (opsvlm.tasks.inspection.data.synthetic), Roboflow YOLO layout.\n"
         "train: ../train/images\n"
         "val: ../valid/images\n"
         "test: ../test/images\n"
