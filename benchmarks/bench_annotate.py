@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from opsvlm.inference import Predictor
-    from opsvlm.tasks.operations_timeline import procedure_grammar
+    from opsvlm.tasks.operations.timeline import procedure_grammar
     from opsvlm.timeline import find_recordings, plan_recording
     from opsvlm.video.sampling import SamplingSpec
 

@@ -2,7 +2,7 @@
 
 Writes per-image JSON (the stage-1 detections format ``/predict_objects`` and ``tasks.inspection.data.yolo`` read) and a
 YOLO-format prediction export (``labels/*.txt``: ``class cx cy w h score``, ``data.yaml`` with the names). Logic:
-``opsvlm.tasks.inspection_detect_ray.batch``::
+``opsvlm.detection.batch``::
 
     python jobs/detect_images.py images=site_photos/ out=outputs/detections \\
         detector=models:/opsvlm-detector@champion conf=0.25
@@ -18,8 +18,8 @@ import json
 import sys
 
 from opsvlm.config import load_config
+from opsvlm.detection.batch import BatchDetectConfig, detect_folder
 from opsvlm.runtime import init_ray
-from opsvlm.tasks.inspection_detect_ray.batch import BatchDetectConfig, detect_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Predicted objects are matched to true ones at IoU >= 0.5; reported with 95% imag
 perfect-stage-1 figures (true boxes and types -> VLM) and type-aware majority baselines: per-type detection
 precision/recall, condition macro-F1 on matched objects, and end-to-end macro-F1 / accuracy where missed and
 spurious objects count as errors; seconds per image of each stage. Logged to MLflow (metrics, table, a picture).
-Logic: ``opsvlm.tasks.inspection_detect_ray.system_eval``::
+Logic: ``opsvlm.detection.system_eval``::
 
     python jobs/evaluate_system.py data=data/inspection \\
         detector=models:/opsvlm-detector@champion model=models:/opsvlm-inspection@champion
@@ -19,7 +19,7 @@ import json
 import sys
 
 from opsvlm.config import load_config
-from opsvlm.tasks.inspection_detect_ray.system_eval import SystemEvalConfig, evaluate_system
+from opsvlm.detection.system_eval import SystemEvalConfig, evaluate_system
 
 
 def main(argv: list[str] | None = None) -> int:

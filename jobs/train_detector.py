@@ -5,7 +5,7 @@ built from a model YAML when no checkpoint is given (nothing is downloaded), or 
 task trains (one GPU when the cluster has one), scores mAP@0.5 and mAP@0.5:0.95 per type on the validation and test
 splits (95% image-bootstrap intervals) next to reference detectors that know nothing about the image, exports ONNX,
 and logs it all to MLflow; the run is registered as a version of ``opsvlm-detector`` and promoted to ``champion`` by
-the gate (higher test mAP@0.5:0.95 on the same split). Logic: ``opsvlm.tasks.inspection_detect_ray.train``.
+the gate (higher test mAP@0.5:0.95 on the same split). Logic: ``opsvlm.detection.train``.
 
 Run locally (tiny CPU settings; local Ray, local MLflow store in ./mlruns)::
 
@@ -28,8 +28,8 @@ import json
 import sys
 
 from opsvlm.config import load_config
+from opsvlm.detection.train import DetectorTrainConfig, train_detector
 from opsvlm.runtime import init_ray
-from opsvlm.tasks.inspection_detect_ray.train import DetectorTrainConfig, train_detector
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ Deployments::
   versions. The swap briefly holds two models in memory (on a GPU: plan for it).
 
 * ``Detector`` (``detector.ref`` set, e.g. ``models:/opsvlm-detector@champion``): the inspection task's stage-1 YOLO
-  detector (:class:`opsvlm.tasks.inspection_detect_ray.serve.DetectorServer`) in its own deployment: whole images
+  detector (:class:`opsvlm.detection.serve.DetectorServer`) in its own deployment: whole images
   through a small CNN, batched across requests separately from the VLM's batches. ``/predict_objects`` requests that
   send no detections go image -> Detector -> Predictor (every detected object classified in one work item); requests
   with detections skip it. ``/status`` shows the detector version loaded (``detector``), or why none is usable.
@@ -316,8 +316,8 @@ class DetectorClient:
         return text if self._show_paths else _PATH.sub("<path>", text)
 
     async def __call__(self, image: Any) -> objects.Detected:
-        from opsvlm.tasks.inspection_detect.detector import DetectorError
-        from opsvlm.tasks.inspection_detect_ray.serve import DetectorUnavailable
+        from opsvlm.detection.serve import DetectorUnavailable
+        from opsvlm.tasks.inspection.detect.detector import DetectorError
 
         try:
             detections, detector = await self._handle.stage_one.remote(image)
@@ -457,7 +457,7 @@ def _detector(config: ServeAppConfig) -> Application | None:
     settings = config.detector
     if not settings.enabled:
         return None
-    from opsvlm.tasks.inspection_detect_ray.serve import detector_deployment
+    from opsvlm.detection.serve import detector_deployment
 
     ref = settings.ref
     if Path(ref).exists():  # a file or folder: the same path on every node, as for model.ref

@@ -10,7 +10,7 @@ Pipeline (``jobs/annotate.py``)::
       -> predictor actors (Ray Data actor pool): batched constrained decoding with the model's own SamplingSpec;
          per window the label probabilities of the operation and of the next operation
       -> driver: per recording, fusion per second, grammar decoding (Viterbi), anticipation, boxes and figures
-         (``opsvlm.tasks.operations_timeline``), files, metrics with bootstrap intervals, MLflow run.
+         (``opsvlm.tasks.operations.timeline``), files, metrics with bootstrap intervals, MLflow run.
 
 A window that cannot be decoded stays in the output as a rejected window with its reason (in the session's JSON and
 the summary); a recording whose media or annotation cannot be read is listed under ``failed``. Nothing is dropped
@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 
 from opsvlm.config import to_dict
-from opsvlm.tasks.operations_timeline import WindowScores, timeline_for
-from opsvlm.tasks.operations_timeline.metrics import score_sessions
-from opsvlm.tasks.operations_timeline.outputs import session_stem, write_figures, write_json, write_session
-from opsvlm.tasks.operations_timeline.session import ARGMAX_SYSTEM, GRAMMAR_SYSTEM, MAJORITY_SYSTEM
+from opsvlm.tasks.operations.timeline import WindowScores, timeline_for
+from opsvlm.tasks.operations.timeline.metrics import score_sessions
+from opsvlm.tasks.operations.timeline.outputs import session_stem, write_figures, write_json, write_session
+from opsvlm.tasks.operations.timeline.session import ARGMAX_SYSTEM, GRAMMAR_SYSTEM, MAJORITY_SYSTEM
 from opsvlm.timeline import (
     PlannedRecording,
     TimelineError,
@@ -246,7 +246,7 @@ class AnnotateResult:
 
     Attributes:
         summary: The job's summary (also ``<out>/summary.json``; its headline is the job's last line).
-        annotations: The recordings' annotations (``opsvlm.tasks.operations_timeline.SessionAnnotation``).
+        annotations: The recordings' annotations (``opsvlm.tasks.operations.timeline.SessionAnnotation``).
         scores: ``{system: metrics}`` over the recordings with truth (``{}`` without).
         run_id: The MLflow annotation run ("" when not logged).
     """
@@ -353,7 +353,7 @@ def annotate(config: AnnotateConfig) -> AnnotateResult:
         own = {system: score_sessions([s], resamples=0) for system, s in annotation.stats().items()}
         write_session(out, annotation, own or None)
         if config.plots:
-            from opsvlm.tasks.operations_timeline.plot import gantt_png
+            from opsvlm.tasks.operations.timeline.plot import gantt_png
 
             gantt_png(annotation, out / f"{session_stem(annotation)}.png")
     write_figures(out / "figures.csv", annotations)

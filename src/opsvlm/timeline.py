@@ -4,7 +4,7 @@ A *recording* is a session in the OpenPack layout (a video file or JPEG frames, 
 any video file ``/predict`` accepts (no truth). Its media is decoded once (``opsvlm.video.decode``: a decoder process
 with a deadline, each frame read once however many windows overlap it), cut into windows of the model's clip length
 slid with a stride, and predicted in batches with the model's own ``SamplingSpec`` (``opsvlm.inference.Predictor``).
-The task's timeline support (``opsvlm.tasks.operations_timeline``) fuses, decodes and scores.
+The task's timeline support (``opsvlm.tasks.operations.timeline``) fuses, decodes and scores.
 
 :func:`timeline_of_video` is the single-video path the ``/timeline`` endpoint calls; the batch job
 (``opsvlm.annotate``) runs the same windows and the same pure code over many recordings with Ray Data.
@@ -32,7 +32,7 @@ from opsvlm.tasks.operations.data.openpack import (
     list_frames,
     read_operations_csv,
 )
-from opsvlm.tasks.operations_timeline import (
+from opsvlm.tasks.operations.timeline import (
     Grammar,
     SessionAnnotation,
     WindowScores,

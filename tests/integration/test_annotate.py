@@ -19,8 +19,8 @@ import pytest
 
 from opsvlm.tasks.operations.data.openpack import read_operations_csv
 from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_dataset
-from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, SecondGrid, annotated_cells, truth_labels
-from opsvlm.tasks.operations_timeline.metrics import frame_macro_f1
+from opsvlm.tasks.operations.timeline.grid import INDEX_OF_ID, SecondGrid, annotated_cells, truth_labels
+from opsvlm.tasks.operations.timeline.metrics import frame_macro_f1
 from opsvlm.testing.checkpoints import register_checkpoint, write_adapter_checkpoint
 from opsvlm.timeline import plan_windows
 from opsvlm.video.sampling import SamplingSpec

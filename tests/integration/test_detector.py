@@ -14,18 +14,18 @@ import math
 import numpy as np
 import pytest
 
-from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
-from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES, load_detections_json, read_dataset
-from opsvlm.tasks.inspection_detect.detector import DetectorConfig, DetectorError, UnmappedClassError
-from opsvlm.tasks.inspection_detect.load import load_detector
-from opsvlm.tasks.inspection_detect.ultralytics_backend import YoloTrainSettings
-from opsvlm.tasks.inspection_detect_ray.registry import (
+from opsvlm.detection.registry import (
     DetectorRefError,
     promote_detector,
     register_detector,
     resolve_detector,
 )
-from opsvlm.tasks.inspection_detect_ray.train import DetectorTrainConfig, train_detector
+from opsvlm.detection.train import DetectorTrainConfig, train_detector
+from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
+from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES, load_detections_json, read_dataset
+from opsvlm.tasks.inspection.detect.detector import DetectorConfig, DetectorError, UnmappedClassError
+from opsvlm.tasks.inspection.detect.load import load_detector
+from opsvlm.tasks.inspection.detect.ultralytics_backend import YoloTrainSettings
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ def test_references_resolve_and_unmapped_classes_fail_clearly(trained, mlflow_se
 def test_batch_detection_over_a_folder(trained, mlflow_server, scenes, tmp_path, ray_local):
     import shutil
 
-    from opsvlm.tasks.inspection_detect_ray.batch import BatchDetectConfig, detect_folder
+    from opsvlm.detection.batch import BatchDetectConfig, detect_folder
 
     folder = tmp_path / "photos"
     shutil.copytree(scenes / "test" / "images", folder / "site_a")
@@ -167,8 +167,8 @@ def test_batch_detection_over_a_folder(trained, mlflow_server, scenes, tmp_path,
 def test_serve_deployment_detects_and_reports_unusable_detectors(trained, mlflow_server, scenes, ray_local):
     from ray import serve
 
-    from opsvlm.tasks.inspection_detect.scoring import load_rgb
-    from opsvlm.tasks.inspection_detect_ray.serve import DetectorUnavailable, detector_deployment
+    from opsvlm.detection.serve import DetectorUnavailable, detector_deployment
+    from opsvlm.tasks.inspection.detect.scoring import load_rgb
 
     image = load_rgb(str(sorted((scenes / "test" / "images").iterdir())[0]))
     deployment = detector_deployment(num_cpus=0.5)
@@ -208,9 +208,9 @@ def test_system_evaluation_is_logged(trained, mlflow_server, scenes, tiny_model_
     """Both stages on the test images with the tiny random VLM: the plumbing and the bookkeeping, not the figures."""
     from mlflow import MlflowClient
 
+    from opsvlm.detection.system_eval import SystemEvalConfig, log_system_eval, score_system
     from opsvlm.inference import Predictor
-    from opsvlm.tasks.inspection_detect.system import vlm_classifier
-    from opsvlm.tasks.inspection_detect_ray.system_eval import SystemEvalConfig, log_system_eval, score_system
+    from opsvlm.tasks.inspection.detect.system import vlm_classifier
     from opsvlm.video.sampling import SamplingSpec
 
     splits, _ = read_dataset(scenes)

@@ -83,8 +83,8 @@ def detector(mlflow_server, tmp_path_factory) -> dict:
     import torch
     from mlflow import MlflowClient
 
-    from opsvlm.tasks.inspection_detect.ultralytics_backend import configure_offline
-    from opsvlm.tasks.inspection_detect_ray.registry import promote_detector, register_detector
+    from opsvlm.detection.registry import promote_detector, register_detector
+    from opsvlm.tasks.inspection.detect.ultralytics_backend import configure_offline
 
     folder = tmp_path_factory.mktemp("stages_detector") / "detector"
     folder.mkdir()

@@ -12,14 +12,14 @@ import pytest
 
 from opsvlm.tasks.inspection.data.yolo import Detection as LabelRow
 from opsvlm.tasks.inspection.data.yolo import LabelledImage
-from opsvlm.tasks.inspection_detect.detector import DetectorError
-from opsvlm.tasks.inspection_detect.matching import ImageBoxes, detection_map
-from opsvlm.tasks.inspection_detect.scoring import bootstrap_map, detector_boxes, flat_map_metrics, prior_boxes
-from opsvlm.tasks.inspection_detect.ultralytics_backend import YoloTrainSettings, build_model
+from opsvlm.tasks.inspection.detect.detector import DetectorError
+from opsvlm.tasks.inspection.detect.matching import ImageBoxes, detection_map
+from opsvlm.tasks.inspection.detect.scoring import bootstrap_map, detector_boxes, flat_map_metrics, prior_boxes
+from opsvlm.tasks.inspection.detect.ultralytics_backend import YoloTrainSettings, build_model
 
 OFFLINE_PROBE = """
 import json, sys
-from opsvlm.tasks.inspection_detect.ultralytics_backend import configure_offline
+from opsvlm.tasks.inspection.detect.ultralytics_backend import configure_offline
 folder = configure_offline(sys.argv[1])
 from ultralytics.utils import AUTOINSTALL, ONLINE, SETTINGS, USER_CONFIG_DIR
 from ultralytics.utils.checks import check_font
@@ -109,7 +109,7 @@ def test_detector_boxes_and_bootstrap(tmp_path):
 
 
 def test_epoch_history_and_split_id(tmp_path):
-    from opsvlm.tasks.inspection_detect_ray.train import _epoch_history, random_boxes, split_id
+    from opsvlm.detection.train import _epoch_history, random_boxes, split_id
 
     csv = tmp_path / "results.csv"
     csv.write_text("epoch,train/box_loss,metrics/mAP50(B),lr/pg0\n1,2.5,0.0,0.001\n2,2.0,0.25,nan\n")

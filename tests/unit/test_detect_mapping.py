@@ -10,8 +10,8 @@ import yaml
 
 from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
 from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, OBJECT_TYPES, load_detections_json, read_dataset
-from opsvlm.tasks.inspection_detect.dataset import write_detection_dataset
-from opsvlm.tasks.inspection_detect.detector import (
+from opsvlm.tasks.inspection.detect.dataset import write_detection_dataset
+from opsvlm.tasks.inspection.detect.detector import (
     ClassMapping,
     Detection,
     DetectorConfig,
@@ -19,8 +19,8 @@ from opsvlm.tasks.inspection_detect.detector import (
     UnmappedClassError,
     check_image,
 )
-from opsvlm.tasks.inspection_detect.export import image_record, write_predictions_yaml, yolo_prediction_lines
-from opsvlm.tasks.inspection_detect.load import load_detector
+from opsvlm.tasks.inspection.detect.export import image_record, write_predictions_yaml, yolo_prediction_lines
+from opsvlm.tasks.inspection.detect.load import load_detector
 
 
 def test_default_mapping_accepts_types_and_condition_classes():

@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from opsvlm.tasks.inspection_detect.matching import (
+from opsvlm.tasks.inspection.detect.matching import (
     ImageBoxes,
     average_precision,
     box_iou,
     detection_map,
     match_boxes,
 )
-from opsvlm.tasks.inspection_detect.system import (
+from opsvlm.tasks.inspection.detect.system import (
     BACKGROUND,
     ImageOutcome,
     PredictedObject,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from opsvlm.tasks.operations.data.openpack import Segment, SessionTimeline, read_operations_csv
-from opsvlm.tasks.operations_timeline import timeline_for
-from opsvlm.tasks.operations_timeline.boxes import assign_boxes, box_figures, classify_transition, session_figures
-from opsvlm.tasks.operations_timeline.fusion import WindowScores, fuse
-from opsvlm.tasks.operations_timeline.grammar import (
+from opsvlm.tasks.operations.timeline import timeline_for
+from opsvlm.tasks.operations.timeline.boxes import assign_boxes, box_figures, classify_transition, session_figures
+from opsvlm.tasks.operations.timeline.fusion import WindowScores, fuse
+from opsvlm.tasks.operations.timeline.grammar import (
     Grammar,
     anticipate,
     argmax_decode,
@@ -23,7 +23,7 @@ from opsvlm.tasks.operations_timeline.grammar import (
     procedure_grammar,
     viterbi,
 )
-from opsvlm.tasks.operations_timeline.grid import (
+from opsvlm.tasks.operations.timeline.grid import (
     INDEX_OF_ID,
     LABELS,
     NULL_INDEX,
@@ -276,7 +276,7 @@ def test_boxes_found_on_the_real_annotation_match_its_box_numbers(sample_root):
     tl = read_operations_csv(sample_root / "U0209" / "annotation" / "openpack-operations" / "S0500.csv")
     grid = SecondGrid.covering(tl.origin, 0.0, tl.duration_s)
     labels = truth_labels(tl, grid)
-    from opsvlm.tasks.operations_timeline.grid import truth_boxes
+    from opsvlm.tasks.operations.timeline.grid import truth_boxes
 
     truth = truth_boxes(tl, grid)
     found = assign_boxes(labels)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opsvlm.tasks.operations_timeline.grid import NULL_INDEX as N
-from opsvlm.tasks.operations_timeline.metrics import (
+from opsvlm.tasks.operations.timeline.grid import NULL_INDEX as N
+from opsvlm.tasks.operations.timeline.metrics import (
     boundary_next_accuracy,
     edit_score,
     frame_macro_f1,

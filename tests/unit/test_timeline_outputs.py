@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from opsvlm.tasks.operations.data.openpack import read_operations_csv
-from opsvlm.tasks.operations_timeline import WindowScores, annotate_windows, learn_grammar, recording_grid
-from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, OP_IDS, SecondGrid, truth_labels
-from opsvlm.tasks.operations_timeline.outputs import ONE_HZ_COLUMNS, predicted_timeline, write_figures, write_session
-from opsvlm.tasks.operations_timeline.plot import gantt_png
+from opsvlm.tasks.operations.timeline import WindowScores, annotate_windows, learn_grammar, recording_grid
+from opsvlm.tasks.operations.timeline.grid import INDEX_OF_ID, LABELS, OP_IDS, SecondGrid, truth_labels
+from opsvlm.tasks.operations.timeline.outputs import ONE_HZ_COLUMNS, predicted_timeline, write_figures, write_session
+from opsvlm.tasks.operations.timeline.plot import gantt_png
 from tests.unit.test_timeline import ORIGIN, timeline
 
 L = len(LABELS)

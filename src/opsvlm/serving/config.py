@@ -106,7 +106,7 @@ class DetectorSettings:
         if self.batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
         if self.class_map:  # values must be object types: refused at deploy, not in every replica
-            from opsvlm.tasks.inspection_detect.detector import ClassMapping
+            from opsvlm.tasks.inspection.detect.detector import ClassMapping
 
             ClassMapping(self.class_map, "detector.class_map")
 

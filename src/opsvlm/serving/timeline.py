@@ -116,10 +116,10 @@ def model_timeline_support(model: Any, show_paths: bool = False) -> dict[str, An
     Returns:
         ``{"model_version", "task", "media", "timeline": bool}`` and, when the task's answers make a timeline,
         ``"window_s"`` (the clip length the model was trained on, :func:`opsvlm.timeline.model_window_s`) and
-        ``"grammar"`` (an :class:`opsvlm.tasks.operations_timeline.Grammar`, :func:`opsvlm.timeline.load_grammar`
+        ``"grammar"`` (an :class:`opsvlm.tasks.operations.timeline.Grammar`, :func:`opsvlm.timeline.load_grammar`
         with the model's checkpoint: its training split, else the procedure prior).
     """
-    from opsvlm.tasks.operations_timeline import timeline_for
+    from opsvlm.tasks.operations.timeline import timeline_for
 
     task = model.predictor.task
     support: dict[str, Any] = {"model_version": model.version, "task": task.name, "media": task.media}

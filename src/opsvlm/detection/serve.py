@@ -31,15 +31,15 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from opsvlm.detection.registry import read_meta, resolve_detector
 from opsvlm.tasks.inspection.data.yolo import StageOneDetection
-from opsvlm.tasks.inspection_detect.detector import (
+from opsvlm.tasks.inspection.detect.detector import (
     Detection,
     DetectorConfig,
     DetectorError,
     check_image,
 )
-from opsvlm.tasks.inspection_detect.load import load_detector
-from opsvlm.tasks.inspection_detect_ray.registry import read_meta, resolve_detector
+from opsvlm.tasks.inspection.detect.load import load_detector
 
 __all__ = ["DetectorServer", "DetectorUnavailable", "detector_deployment", "pin_reference"]
 
@@ -63,7 +63,7 @@ def pin_reference(ref: str, tracking_uri: str = "") -> tuple[str, dict[str, Any]
     Raises:
         DetectorRefError: naming ``ref``, when the registry does not know it.
     """
-    from opsvlm.tasks.inspection_detect_ray.registry import DetectorRefError
+    from opsvlm.detection.registry import DetectorRefError
     from opsvlm.tracking import resolve_tracking_uri
 
     info: dict[str, Any] = {"name": None, "version": None, "alias": None, "run_id": None}

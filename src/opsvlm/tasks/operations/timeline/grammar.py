@@ -38,7 +38,7 @@ import numpy as np
 
 from opsvlm.tasks.operations.data.openpack import SessionTimeline
 from opsvlm.tasks.operations.labels import PROCEDURE
-from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, SecondGrid, runs_of, truth_labels
+from opsvlm.tasks.operations.timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, SecondGrid, runs_of, truth_labels
 
 GRAMMAR_FORMAT = "opsvlm-operation-grammar/1"
 _EPS = 1e-6

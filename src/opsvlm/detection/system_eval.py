@@ -3,7 +3,7 @@
 For every image of the split, stage 1 (the detector) finds objects and stage 2 (the VLM) classifies each of them,
 with every other detected object as context (exactly the ``/predict_objects`` path). The same VLM also classifies
 the true objects given their true types (a perfect stage 1). Four systems are scored with
-:func:`opsvlm.tasks.inspection_detect.system.system_metrics` (95% image-bootstrap intervals):
+:func:`opsvlm.tasks.inspection.detect.system.system_metrics` (95% image-bootstrap intervals):
 
 * ``two-stage``: detector -> VLM;
 * ``perfect stage 1``: true boxes and types -> VLM (the figures the VLM evaluation reports);
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from opsvlm.tasks.inspection.data.yolo import LabelledImage
-from opsvlm.tasks.inspection_detect.scoring import load_rgb
-from opsvlm.tasks.inspection_detect.system import (
+from opsvlm.tasks.inspection.detect.scoring import load_rgb
+from opsvlm.tasks.inspection.detect.system import (
     ImageOutcome,
     TrueObject,
     bootstrap_intervals,
@@ -39,6 +39,18 @@ from opsvlm.tasks.inspection_detect.system import (
     type_majority,
     with_classes,
 )
+
+__all__ = [
+    "HEADLINE",
+    "SystemEvalConfig",
+    "SystemEvalResult",
+    "draw_outcome",
+    "evaluate_system",
+    "format_table",
+    "log_system_eval",
+    "score_system",
+    "truths_of",
+]
 
 HEADLINE = (
     "detection/precision",
@@ -120,7 +132,7 @@ def score_system(
         images: The labelled split (condition classes).
         train_classes: The training split's object classes (for the type-majority baselines).
         detect: Image -> detections (a detector's ``detect``).
-        classify: ``(image, [(type, box), ...]) -> [class or None]`` (:func:`~opsvlm.tasks.inspection_detect.system.
+        classify: ``(image, [(type, box), ...]) -> [class or None]`` (:func:`~opsvlm.tasks.inspection.detect.system.
             vlm_classifier`).
         iou: IoU of a match.
         n_boot: Bootstrap replicates.
@@ -218,7 +230,7 @@ def draw_outcome(outcome: ImageOutcome, path: str | Path, scale: int = 4) -> Pat
     is under it at IoU >= 0.5, red otherwise) and the true boxes dashed in white."""
     from PIL import Image, ImageDraw
 
-    from opsvlm.tasks.inspection_detect.system import match_outcome
+    from opsvlm.tasks.inspection.detect.system import match_outcome
 
     image = Image.open(outcome.image).convert("RGB")
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
@@ -245,12 +257,12 @@ def evaluate_system(config: SystemEvalConfig) -> dict[str, Any]:
     Returns:
         ``{"run_id", "table", "intervals", "seconds", "n_images"}``.
     """
+    from opsvlm.detection.batch import BatchDetectConfig, detector_config
     from opsvlm.inference import Predictor
     from opsvlm.registry import resolve_model
     from opsvlm.tasks.inspection.data.yolo import read_dataset
-    from opsvlm.tasks.inspection_detect.load import load_detector
-    from opsvlm.tasks.inspection_detect.system import vlm_classifier
-    from opsvlm.tasks.inspection_detect_ray.batch import BatchDetectConfig, detector_config
+    from opsvlm.tasks.inspection.detect.load import load_detector
+    from opsvlm.tasks.inspection.detect.system import vlm_classifier
     from opsvlm.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(config.tracking_uri)

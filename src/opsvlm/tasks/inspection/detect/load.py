@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opsvlm.tasks.inspection_detect.detector import Detector, DetectorConfig, DetectorError
+from opsvlm.tasks.inspection.detect.detector import Detector, DetectorConfig, DetectorError
 
 __all__ = ["load_detector"]
 
@@ -23,6 +23,6 @@ def load_detector(config: DetectorConfig) -> Detector:
         raise DetectorError(f"detector.weights: {path} does not exist")
     if path.suffix.lower() not in (".pt", ".onnx"):
         raise DetectorError(f"detector.weights: {path} must be an Ultralytics .pt checkpoint or an .onnx export")
-    from opsvlm.tasks.inspection_detect.ultralytics_backend import UltralyticsDetector  # the optional extra
+    from opsvlm.tasks.inspection.detect.ultralytics_backend import UltralyticsDetector  # the optional extra
 
     return UltralyticsDetector(config)

@@ -4,7 +4,7 @@ Per image, the true objects (box + condition class) and the system's objects (bo
 condition class stage 2 gave it) are compared:
 
 * **Detection** (stage 1 alone): predictions matched to true objects of the same type at IoU >= 0.5
-  (:func:`opsvlm.tasks.inspection_detect.matching.match_boxes`); per type precision = matched / predicted and
+  (:func:`opsvlm.tasks.inspection.detect.matching.match_boxes`); per type precision = matched / predicted and
   recall = matched / true.
 * **Matched objects** (stage 2 on what stage 1 found): predictions matched to true objects regardless of type, so a
   box of the wrong type is still compared; the condition class (9 classes) of each matched pair gives accuracy and
@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES, CONDITIONS, OBJECT_TYPES, class_condition
-from opsvlm.tasks.inspection_detect.matching import as_boxes, match_boxes
+from opsvlm.tasks.inspection.detect.matching import as_boxes, match_boxes
 
 __all__ = [
     "BACKGROUND",
@@ -356,7 +356,7 @@ def run_two_stage(
     Args:
         image: uint8[H, W, 3] RGB.
         detect: Image -> detections with ``box`` (normalised), ``object_type`` and ``score`` (a
-            :class:`~opsvlm.tasks.inspection_detect.detector.Detector`'s ``detect``).
+            :class:`~opsvlm.tasks.inspection.detect.detector.Detector`'s ``detect``).
         classify: ``(image, [(object type, box), ...]) -> [condition class or None, ...]`` (see
             :func:`vlm_classifier`); not called when nothing is detected.
         clock: Seconds (injected for tests).

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from opsvlm.tasks.operations_timeline.fusion import WindowScores
-from opsvlm.tasks.operations_timeline.grammar import Grammar, learn_grammar, procedure_grammar
-from opsvlm.tasks.operations_timeline.grid import LABELS, SecondGrid
-from opsvlm.tasks.operations_timeline.session import SessionAnnotation, annotate_windows, recording_grid
+from opsvlm.tasks.operations.timeline.fusion import WindowScores
+from opsvlm.tasks.operations.timeline.grammar import Grammar, learn_grammar, procedure_grammar
+from opsvlm.tasks.operations.timeline.grid import LABELS, SecondGrid
+from opsvlm.tasks.operations.timeline.session import SessionAnnotation, annotate_windows, recording_grid
 
 
 class OperationsTimeline:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from opsvlm.tasks.inspection.data.yolo import LabelledImage
-from opsvlm.tasks.inspection_detect.matching import COCO_IOUS, ImageBoxes, image_hits, map_from_hits
+from opsvlm.tasks.inspection.detect.matching import COCO_IOUS, ImageBoxes, image_hits, map_from_hits
 
 __all__ = [
     "bootstrap_map",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opsvlm.tasks.operations_timeline.grid import LABELS, NULL_INDEX, runs_of
+from opsvlm.tasks.operations.timeline.grid import LABELS, NULL_INDEX, runs_of
 
 OPERATION_INDICES: tuple[int, ...] = tuple(i for i in range(len(LABELS)) if i != NULL_INDEX)
 F1_OVERLAPS: tuple[float, ...] = (0.10, 0.25, 0.50)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES
-from opsvlm.tasks.inspection_detect.detector import Detection
+from opsvlm.tasks.inspection.detect.detector import Detection
 
 __all__ = [
     "image_record",

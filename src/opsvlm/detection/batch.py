@@ -24,11 +24,19 @@ from typing import Any
 
 import numpy as np
 
+from opsvlm.detection.registry import read_meta, resolve_detector
 from opsvlm.tasks.inspection.data.yolo import IMAGE_SUFFIXES, OBJECT_TYPES
-from opsvlm.tasks.inspection_detect.detector import DetectorConfig, DetectorError
-from opsvlm.tasks.inspection_detect.export import image_record, write_predictions_yaml, yolo_prediction_lines
-from opsvlm.tasks.inspection_detect.load import load_detector
-from opsvlm.tasks.inspection_detect_ray.registry import read_meta, resolve_detector
+from opsvlm.tasks.inspection.detect.detector import DetectorConfig, DetectorError
+from opsvlm.tasks.inspection.detect.export import image_record, write_predictions_yaml, yolo_prediction_lines
+from opsvlm.tasks.inspection.detect.load import load_detector
+
+__all__ = [
+    "BatchDetectConfig",
+    "DetectImages",
+    "detect_folder",
+    "detector_config",
+    "list_images",
+]
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class DetectImages:
         self.detector = load_detector(config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from opsvlm.tasks.inspection_detect.scoring import load_rgb
+        from opsvlm.tasks.inspection.detect.scoring import load_rgb
 
         paths = [str(p) for p in batch["path"]]
         rows: dict[str, list] = {"path": [], "error": [], "types": [], "seconds": []}

@@ -2,12 +2,12 @@
 
 :func:`train_detector` (what ``jobs/train_detector.py`` runs):
 
-1. writes the collapsed detection dataset (:func:`opsvlm.tasks.inspection_detect.dataset.write_detection_dataset`:
+1. writes the collapsed detection dataset (:func:`opsvlm.tasks.inspection.detect.dataset.write_detection_dataset`:
    the 9 condition classes -> the 4 object types, or ``collapse``);
 2. opens an MLflow run and runs :func:`fit_and_score` as one Ray task (``num_cpus``; one GPU when the cluster has
    one and ``use_gpu`` allows). The task trains with Ultralytics (from the model YAML, or from ``yolo.weights``),
    scores the best checkpoint on the validation and evaluation splits with the numpy mAP of
-   :mod:`opsvlm.tasks.inspection_detect.matching` (AP@0.5 and AP@0.5:0.95 per type, image-bootstrap 95% intervals
+   :mod:`opsvlm.tasks.inspection.detect.matching` (AP@0.5 and AP@0.5:0.95 per type, image-bootstrap 95% intervals
    on the evaluation split) next to two reference detectors that know nothing about the image (each type's mean
    training box; random boxes), exports ONNX and scores that too, times both per image, and logs it all (metrics,
    per-epoch history from ``results.csv``, Ultralytics' plots, the ``detector/`` artifacts) to the run;
@@ -32,10 +32,7 @@ from typing import Any
 import numpy as np
 
 from opsvlm.config import to_dict
-from opsvlm.tasks.inspection.data.yolo import read_data_yaml, read_split
-from opsvlm.tasks.inspection_detect.detector import DetectorError
-from opsvlm.tasks.inspection_detect.ultralytics_backend import YoloTrainSettings
-from opsvlm.tasks.inspection_detect_ray.registry import (
+from opsvlm.detection.registry import (
     ARTIFACT,
     DEFAULT_DETECTOR_NAME,
     META_FILE,
@@ -44,6 +41,18 @@ from opsvlm.tasks.inspection_detect_ray.registry import (
     promote_detector,
     register_detector,
 )
+from opsvlm.tasks.inspection.data.yolo import read_data_yaml, read_split
+from opsvlm.tasks.inspection.detect.detector import DetectorError
+from opsvlm.tasks.inspection.detect.ultralytics_backend import YoloTrainSettings
+
+__all__ = [
+    "USE_GPU",
+    "DetectorTrainConfig",
+    "fit_and_score",
+    "random_boxes",
+    "split_id",
+    "train_detector",
+]
 
 USE_GPU = ("auto", "true", "false")
 
@@ -140,8 +149,8 @@ def _epoch_history(results_csv: Path) -> list[tuple[int, dict[str, float]]]:
 
 def random_boxes(images, types, per_image: int = 10, seed: int = 0):
     """The chance reference: ``per_image`` uniformly random boxes of random types and scores in every image."""
-    from opsvlm.tasks.inspection_detect.matching import ImageBoxes
-    from opsvlm.tasks.inspection_detect.scoring import truth_boxes
+    from opsvlm.tasks.inspection.detect.matching import ImageBoxes
+    from opsvlm.tasks.inspection.detect.scoring import truth_boxes
 
     rng = np.random.default_rng(seed)
     out = []
@@ -163,10 +172,10 @@ def fit_and_score(config: DetectorTrainConfig, data_yaml: str, run_id: str, trac
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from opsvlm.tasks.inspection_detect.detector import DetectorConfig
-    from opsvlm.tasks.inspection_detect.matching import detection_map
-    from opsvlm.tasks.inspection_detect.scoring import bootstrap_map, detector_boxes, flat_map_metrics, prior_boxes
-    from opsvlm.tasks.inspection_detect.ultralytics_backend import (
+    from opsvlm.tasks.inspection.detect.detector import DetectorConfig
+    from opsvlm.tasks.inspection.detect.matching import detection_map
+    from opsvlm.tasks.inspection.detect.scoring import bootstrap_map, detector_boxes, flat_map_metrics, prior_boxes
+    from opsvlm.tasks.inspection.detect.ultralytics_backend import (
         UltralyticsDetector,
         configure_offline,
         export_onnx,
@@ -288,7 +297,7 @@ def train_detector(config: DetectorTrainConfig) -> dict[str, Any]:
     import mlflow
     import ray
 
-    from opsvlm.tasks.inspection_detect.dataset import write_detection_dataset
+    from opsvlm.tasks.inspection.detect.dataset import write_detection_dataset
     from opsvlm.tracking import config_params, ensure_experiment, resolve_tracking_uri
 
     if not config.data:

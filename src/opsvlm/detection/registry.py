@@ -23,6 +23,22 @@ from typing import Any
 
 from opsvlm.tracking import resolve_tracking_uri
 
+__all__ = [
+    "ARTIFACT",
+    "CHALLENGER",
+    "CHAMPION",
+    "DEFAULT_DETECTOR_NAME",
+    "HEADLINE",
+    "META_FILE",
+    "WEIGHTS_ONNX",
+    "WEIGHTS_PT",
+    "DetectorRefError",
+    "promote_detector",
+    "read_meta",
+    "register_detector",
+    "resolve_detector",
+]
+
 DEFAULT_DETECTOR_NAME = "opsvlm-detector"
 ARTIFACT = "detector"
 WEIGHTS_PT = "weights.pt"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from opsvlm.tasks.operations_timeline.grid import LABELS, NULL_INDEX, runs_of
-from opsvlm.tasks.operations_timeline.session import SessionAnnotation
+from opsvlm.tasks.operations.timeline.grid import LABELS, NULL_INDEX, runs_of
+from opsvlm.tasks.operations.timeline.session import SessionAnnotation
 
 
 def _colours() -> list:

@@ -13,10 +13,10 @@ from typing import Literal
 import numpy as np
 
 from opsvlm.tasks.operations.data.openpack import SessionTimeline
-from opsvlm.tasks.operations_timeline import boxes as box_mod
-from opsvlm.tasks.operations_timeline.fusion import WindowScores, fuse
-from opsvlm.tasks.operations_timeline.grammar import Grammar, anticipate, argmax_decode, decode
-from opsvlm.tasks.operations_timeline.grid import (
+from opsvlm.tasks.operations.timeline import boxes as box_mod
+from opsvlm.tasks.operations.timeline.fusion import WindowScores, fuse
+from opsvlm.tasks.operations.timeline.grammar import Grammar, anticipate, argmax_decode, decode
+from opsvlm.tasks.operations.timeline.grid import (
     LABELS,
     NULL_INDEX,
     OP_IDS,
@@ -26,7 +26,7 @@ from opsvlm.tasks.operations_timeline.grid import (
     truth_boxes,
     truth_labels,
 )
-from opsvlm.tasks.operations_timeline.metrics import SessionStats, session_stats
+from opsvlm.tasks.operations.timeline.metrics import SessionStats, session_stats
 
 TIMELINE_FORMAT = "opsvlm-timeline/1"
 Decoder = Literal["viterbi", "argmax"]

@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from opsvlm.tasks.operations.data.openpack import Segment, SessionTimeline, write_operations_csv
-from opsvlm.tasks.operations_timeline.boxes import PROCEDURE_INDICES
-from opsvlm.tasks.operations_timeline.grid import LABELS, NULL_INDEX, OP_IDS, runs_of
-from opsvlm.tasks.operations_timeline.session import SessionAnnotation
+from opsvlm.tasks.operations.timeline.boxes import PROCEDURE_INDICES
+from opsvlm.tasks.operations.timeline.grid import LABELS, NULL_INDEX, OP_IDS, runs_of
+from opsvlm.tasks.operations.timeline.session import SessionAnnotation
 
 ONE_HZ_COLUMNS = ("unixtime", "user", "session", "box", "id")
 FIGURE_COLUMNS = (

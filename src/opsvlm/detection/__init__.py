@@ -1,5 +1,5 @@
 """The inspection detector at the platform's edges: Ray (training task, Ray Data batch inference, a Serve
-deployment) and MLflow (tracking, registry). The pure parts live in :mod:`opsvlm.tasks.inspection_detect`.
+deployment) and MLflow (tracking, registry). The pure parts live in :mod:`opsvlm.tasks.inspection.detect`.
 
 * :mod:`.registry`: detector versions in the MLflow registry (own model name, ``challenger``/``champion``) and
   resolving a reference (``models:/name@champion``, ``runs:/...``, a file) to a local weights file.

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from opsvlm.tasks.inspection_detect.detector import ClassMapping, Detection, DetectorConfig, DetectorError, check_image
+from opsvlm.tasks.inspection.detect.detector import ClassMapping, Detection, DetectorConfig, DetectorError, check_image
 
 __all__ = [
     "DEFAULT_IMGSZ",
@@ -132,7 +132,7 @@ def _ultralytics_device(device: str) -> str:
 class UltralyticsDetector:
     """A YOLO detector loaded with Ultralytics: a ``.pt`` checkpoint (torch) or an ``.onnx`` export (onnxruntime).
 
-    Implements :class:`opsvlm.tasks.inspection_detect.detector.Detector`.
+    Implements :class:`opsvlm.tasks.inspection.detect.detector.Detector`.
 
     Args:
         config: Weights file, class mapping and inference settings.

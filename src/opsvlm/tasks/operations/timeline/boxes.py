@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opsvlm.tasks.operations.labels import OPTIONAL_IDS, PROCEDURE
-from opsvlm.tasks.operations_timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, runs_of
+from opsvlm.tasks.operations.timeline.grid import INDEX_OF_ID, LABELS, NULL_INDEX, runs_of
 
 PROCEDURE_INDICES: tuple[int, ...] = tuple(INDEX_OF_ID[op] for op in PROCEDURE)
 OPTIONAL_INDICES: frozenset[int] = frozenset(INDEX_OF_ID[op] for op in OPTIONAL_IDS)

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from opsvlm.tasks.inspection.data.yolo import OBJECT_TYPES, class_condition, read_data_yaml, read_dataset
-from opsvlm.tasks.inspection_detect.detector import DetectorError, normalise_name
+from opsvlm.tasks.inspection.detect.detector import DetectorError, normalise_name
 
 __all__ = [
     "SUMMARY_FILE",
@@ -176,7 +176,7 @@ def write_detection_dataset(
     data = {"path": str(root), **{split: f"images/{split}" for split in splits}, "nc": len(targets)}
     data["names"] = dict(enumerate(targets))
     (root / "data.yaml").write_text(
-        "# Detection dataset written by opsvlm.tasks.inspection_detect.dataset (classes collapsed).\n"
+        "# Detection dataset written by opsvlm.tasks.inspection.detect.dataset (classes collapsed).\n"
         + yaml.safe_dump(data, sort_keys=False),
         encoding="utf-8",
     )
