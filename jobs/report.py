@@ -89,10 +89,11 @@ def tables(job: str) -> dict[str, str]:
             f"{_cell(test['metrics'][h], test['intervals']['fine-tuned'][h])} | {reference:.3f} | "
             f"{'yes' if low > reference else 'no'} | {r['job']['promoted']} | {r['wall_s']:.0f} |"
         )
+    boundary = first["metrics"].get("n_boundary_clips")
     head = (
         f"Test split (report only), seed {records[0]['seed']}, commit {first['commit']}: n = {first['n']} "
-        f"{task.unit} in {first['groups']} resampling groups; 95% intervals by group bootstrap ({first['n_boot']} "
-        "resamples)."
+        f"{task.unit}{f' ({int(boundary)} of them boundary clips)' if boundary is not None else ''} in "
+        f"{first['groups']} resampling groups; 95% intervals by group bootstrap ({first['n_boot']} resamples)."
     )
     metrics = task.table_metrics
     systems = [head, "", "| system | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
