@@ -200,8 +200,8 @@ def plain_loop(
 
     from opsvlm.config import from_dict
     from opsvlm.model import build
+    from opsvlm.model.prompt import collate, encode_row
     from opsvlm.train.config import TrainConfig
-    from opsvlm.train.examples import collate, encode_row
 
     torch.set_num_threads(threads)
     config = from_dict(TrainConfig, config_dict)

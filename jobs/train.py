@@ -30,10 +30,11 @@ import tempfile
 from pathlib import Path
 
 from opsvlm.config import load_config
+from opsvlm.data.prepared import read_manifest
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.runtime import init_ray
-from opsvlm.train import checkpoint as ckpt
 from opsvlm.train.config import TrainConfig
-from opsvlm.train.loop import TrainResult, fit, read_manifest
+from opsvlm.train.loop import TrainResult, fit
 
 
 def memory_plan(config: TrainConfig) -> dict | None:

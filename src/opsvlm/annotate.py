@@ -302,8 +302,8 @@ def annotate(config: AnnotateConfig) -> AnnotateResult:
             that is not a timeline task's, missing sources, or an unresolvable model reference.
     """
     from opsvlm import registry
+    from opsvlm.model.checkpoint import read_model_meta, sampling_spec_of
     from opsvlm.tracking import resolve_tracking_uri
-    from opsvlm.train.checkpoint import read_model_meta, sampling_spec_of
 
     if not config.model or not config.sources or not config.out:
         raise ValueError("model, sources and out are required")

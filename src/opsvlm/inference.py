@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from opsvlm.model.prompt import END_OF_TURN, model_inputs, prompt_text
 from opsvlm.tasks.base import Task, get_task
-from opsvlm.train.examples import END_OF_TURN, model_inputs, prompt_text
 from opsvlm.video.sampling import SamplingSpec
 
 __all__ = [
@@ -189,14 +189,14 @@ class Predictor:
         """Load base model + adapter + processor + sampling spec + task from an opsvlm checkpoint directory.
 
         Args:
-            directory: Checkpoint directory (see ``opsvlm.train.checkpoint``).
+            directory: Checkpoint directory (see ``opsvlm.model.checkpoint``).
             quantization: Override how the base is loaded (``nf4`` / ``int8`` / ``none``); default: as trained.
             constrained: See the class.
         """
         from pathlib import Path
 
+        from opsvlm.model import checkpoint as ckpt
         from opsvlm.model.build import ModelConfig, load_for_inference, load_processor
-        from opsvlm.train import checkpoint as ckpt
 
         meta = ckpt.read_model_meta(directory)
         config = ModelConfig(

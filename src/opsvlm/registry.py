@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.tracking import resolve_tracking_uri
-from opsvlm.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -21,9 +21,9 @@ import torch
 
 from opsvlm.model import build
 from opsvlm.model.build import LoraSettings, ModelConfig
+from opsvlm.model.prompt import collate, encode_training_example
 from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
 from opsvlm.train.config import OptimSettings
-from opsvlm.train.examples import collate, encode_training_example
 from opsvlm.train.step import Precision, StepRunner, TrainState, make_optimizer, make_scheduler, upcast_trainable
 
 pytestmark = pytest.mark.gpu

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from opsvlm.model import build
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.model.build import LoraSettings, ModelConfig
-from opsvlm.train import checkpoint as ckpt
+from opsvlm.model.prompt import collate, encode_row
 from opsvlm.train.config import DataSettings, OptimSettings, ScalingSettings, TrackingSettings, TrainConfig
-from opsvlm.train.examples import collate, encode_row
 from opsvlm.train.loop import fit
 from opsvlm.video.sampling import SamplingSpec
 from tests.integration.conftest import FRAME_SIZE, FRAMES_PER_CLIP

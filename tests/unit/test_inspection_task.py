@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from opsvlm.inference import AnswerConstraint, Predictor
 from opsvlm.model.build import ModelConfig, load_base_model, load_processor
+from opsvlm.model.prompt import collate, encode_row, encode_training_example, model_inputs, prompt_text
 from opsvlm.tasks.base import get_task
 from opsvlm.tasks.inspection import (
     ANSWER_PARTS,
@@ -31,7 +32,6 @@ from opsvlm.tasks.inspection import (
 )
 from opsvlm.tasks.inspection.data.yolo import CONDITION_CLASSES
 from opsvlm.testing.tiny import ensure_tiny_model
-from opsvlm.train.examples import collate, encode_row, encode_training_example, model_inputs, prompt_text
 from opsvlm.train.weighting import weighted_answer_loss
 from opsvlm.video.sampling import SamplingSpec
 

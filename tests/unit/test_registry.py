@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from opsvlm import registry
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.tasks.operations import LABEL_NAMES
-from opsvlm.train import checkpoint as ckpt
 from opsvlm.video.sampling import SamplingSpec
 
 JOBS_PROMOTE = Path(__file__).resolve().parents[2] / "jobs" / "promote.py"

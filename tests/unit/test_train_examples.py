@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from opsvlm.model import build
-from opsvlm.tasks.operations import ClipInput, OperationsTask, parse_answer, sampled_fps, target_text
-from opsvlm.testing import tiny
-from opsvlm.train.examples import (
+from opsvlm.model.prompt import (
     END_OF_TURN,
     IGNORE_INDEX,
     collate,
@@ -22,6 +20,8 @@ from opsvlm.train.examples import (
     encode_training_example,
     prompt_text,
 )
+from opsvlm.tasks.operations import ClipInput, OperationsTask, parse_answer, sampled_fps, target_text
+from opsvlm.testing import tiny
 
 TASK = OperationsTask()
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from opsvlm.model import build
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.model.build import LoraSettings, ModelConfig
+from opsvlm.model.prompt import collate, encode_training_example
 from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
 from opsvlm.testing import tiny
-from opsvlm.train import checkpoint as ckpt
 from opsvlm.train.config import OptimSettings
-from opsvlm.train.examples import collate, encode_training_example
 from opsvlm.train.step import Precision, StepRunner, TrainState, make_optimizer, make_scheduler, upcast_trainable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}

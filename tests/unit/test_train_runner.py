@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from opsvlm.train import checkpoint as ckpt
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.train.engine import LocalEngine
 from opsvlm.train.order import epoch_order, locate, micro_batches, step_ids, usable_rows
 from opsvlm.train.step import DivergedError, Precision, StepRunner, TrainState, plan_steps

@@ -18,11 +18,11 @@ import torch
 from opsvlm.model import build
 from opsvlm.model.build import LoraSettings, ModelConfig
 from opsvlm.model.plan import LORA_TARGET_PRESETS
+from opsvlm.model.prompt import collate, encode_training_example
 from opsvlm.tasks.operations import ClipInput, OperationsTask, target_text
 from opsvlm.testing import tiny
 from opsvlm.train.config import OptimSettings, ScalingSettings, TrainConfig
 from opsvlm.train.engine import DeepSpeedEngine, deepspeed_config
-from opsvlm.train.examples import collate, encode_training_example
 
 CLIPS = [
     ("Picking", 0.0, 2.5, "Relocate Item Label"),

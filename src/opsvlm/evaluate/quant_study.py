@@ -483,9 +483,9 @@ def quantization_study(config: QuantStudyConfig) -> dict[str, Any]:
     import torch
 
     from opsvlm import registry
+    from opsvlm.model.checkpoint import read_model_meta
     from opsvlm.tasks.base import get_task
     from opsvlm.tracking import ensure_experiment, resolve_tracking_uri
-    from opsvlm.train.checkpoint import read_model_meta
 
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     model_dir = registry.resolve_model(config.model, tracking_uri, config.cache_dir or None)

@@ -172,11 +172,11 @@ def evaluate(config: EvalConfig, progress=None) -> EvalResult:
     import mlflow
 
     from opsvlm import registry
+    from opsvlm.data.prepared import label_rows, load_split, read_manifest
     from opsvlm.evaluate.batch import predict_dataset
+    from opsvlm.model.checkpoint import read_model_meta
     from opsvlm.testing.tiny import MARKER_FILE, resolve_model_source
     from opsvlm.tracking import ensure_experiment, resolve_tracking_uri
-    from opsvlm.train.checkpoint import read_model_meta
-    from opsvlm.train.loop import label_rows, load_split, read_manifest
     from opsvlm.video.sampling import SamplingSpec
 
     say = progress or (lambda _: None)

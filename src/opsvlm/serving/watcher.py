@@ -193,7 +193,7 @@ def check_safetensors_only(directory: str | os.PathLike[str]) -> None:
         ValueError: naming the file, if ``adapter/adapter_model.safetensors`` is missing or a pickle-format file
             (``*.bin``, ``*.pt``, ...) sits in ``adapter/`` or ``processor/``.
     """
-    from opsvlm.train import checkpoint as ckpt
+    from opsvlm.model import checkpoint as ckpt
 
     directory = Path(directory)
     weights = directory / ckpt.ADAPTER_DIR / "adapter_model.safetensors"
@@ -457,7 +457,7 @@ class ModelWatcher:
         return loaded
 
     def _load_directory(self, info: dict[str, Any], directory: Path, source: str) -> LoadedModel:
-        from opsvlm.train import checkpoint as ckpt
+        from opsvlm.model import checkpoint as ckpt
 
         check_safetensors_only(directory)
         meta = ckpt.read_model_meta(directory)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from opsvlm import registry
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.model.build import LoraSettings, ModelConfig, load_base_model, load_processor, prepare_for_training
 from opsvlm.tasks.base import get_task
-from opsvlm.train import checkpoint as ckpt
 from opsvlm.video.sampling import SamplingSpec
 
 __all__ = ["register_checkpoint", "write_adapter_checkpoint"]

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from opsvlm.config import to_dict
+from opsvlm.data.prepared import label_rows, load_split, read_manifest
+from opsvlm.model import checkpoint as ckpt
 from opsvlm.tasks.base import get_task
-from opsvlm.train import checkpoint as ckpt
 from opsvlm.train.config import TrainConfig
 from opsvlm.train.step import DivergedError, NonFiniteLossError
 from opsvlm.train.weighting import class_weights as weights_for_classes
@@ -37,9 +38,6 @@ __all__ = [
     "NonFiniteLossError",
     "TrainResult",
     "fit",
-    "label_rows",
-    "load_split",
-    "read_manifest",
     "storage_dir",
 ]
 
@@ -74,38 +72,6 @@ class TrainResult:
     checkpoint_dir: str
     metrics: dict
     steps: int
-
-
-def load_split(prepared: str | Path, split: str, limit: int | None = None):
-    """A Ray Dataset of the prepared rows of one split (decoded clips, or the rows of another task: the manifest's
-    ``rows_dir``)."""
-    import ray.data
-
-    path = Path(prepared) / read_manifest(prepared).get("rows_dir", "clips") / f"split={split}"
-    if not path.is_dir() or not any(path.glob("*.parquet")):
-        return None
-    dataset = ray.data.read_parquet(str(path))
-    return dataset.limit(limit) if limit is not None else dataset
-
-
-def label_rows(prepared: str | Path, split: str, task) -> list[dict]:
-    """The rows of a split without their pixel (binary) columns, read with pyarrow: what class counts and baselines
-    need, without decoding anything."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = sorted((Path(prepared) / task.rows_dir / f"split={split}").glob("*.parquet"))
-    if not files:
-        return []
-    columns = [f.name for f in pq.read_schema(files[0]) if f.type not in (pa.binary(), pa.large_binary())]
-    return pq.ParquetDataset(files).read(columns=columns).to_pylist()
-
-
-def read_manifest(prepared: str | Path) -> dict:
-    path = Path(prepared) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{prepared}: no manifest.json; run jobs/prepare_data.py first")
-    return json.loads(path.read_text())
 
 
 def storage_dir(config: TrainConfig) -> Path:

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 WEIGHT_SCHEMES = ("none", "inverse_frequency", "sqrt_inverse")
-IGNORE_INDEX = -100  # label value the loss skips (as in opsvlm.train.examples)
+IGNORE_INDEX = -100  # label value the loss skips (as in opsvlm.model.prompt)
 
 
 def class_weights(class_counts: Mapping[str, int], scheme: str = "inverse_frequency") -> dict[str, float]:

@@ -27,11 +27,11 @@ import torch
 
 from opsvlm.config import from_dict, to_dict
 from opsvlm.model import build
+from opsvlm.model import checkpoint as ckpt
+from opsvlm.model.prompt import collate, encode_row
 from opsvlm.tasks.base import Task, get_task
-from opsvlm.train import checkpoint as ckpt
 from opsvlm.train.config import TrainConfig
 from opsvlm.train.engine import DDP_KWARGS, DDPEngine, DeepSpeedEngine, Engine, LocalEngine
-from opsvlm.train.examples import collate, encode_row
 from opsvlm.train.order import epoch_order, locate, micro_batches, step_ids, usable_rows
 from opsvlm.train.step import (
     Precision,
