@@ -20,19 +20,16 @@ On real data, skip generation: ``python jobs/prepare_inspection.py --source <Rob
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsvlm.config import load_config
 from opsvlm.data.inspection_prep import InspectionPrepConfig, prepare_inspection
 from opsvlm.evaluate.run import EvalConfig
-from opsvlm.runtime import init_ray
 from opsvlm.tasks.inspection.data.synthetic import InspectionConfig, generate_inspection_dataset
-from opsvlm.train.config import TrackingSettings, TrainConfig
-from opsvlm.workflow import STAGES, train_evaluate_promote
+from opsvlm.train.config import TrainConfig
+from opsvlm.workflow import STAGES, start_job, train_evaluate_promote
 
 DEFAULT_PRESET = Path(__file__).parent / "configs" / "inspection_tiny.yaml"
 
@@ -43,6 +40,8 @@ class InspectionPipelineConfig:
 
     Attributes:
         workdir: Where scenes, prepared examples and Ray checkpoints go.
+        seed: The run's seed: training (LoRA init, data order) and the bootstrap. The scenes (``generate.seed``) stay
+            the same, so runs with different seeds are scored on the same objects.
         tracking_uri: MLflow tracking URI for every stage (empty: local store in ./mlruns).
         experiment: MLflow experiment.
         model_name: Registered model name (its own, so video and inspection champions never compete).
@@ -53,6 +52,7 @@ class InspectionPipelineConfig:
     """
 
     workdir: str = "outputs/inspection_pipeline"
+    seed: int = 0
     tracking_uri: str = ""
     experiment: str = "opsvlm-inspection"
     model_name: str = "opsvlm-inspection"
@@ -63,18 +63,7 @@ class InspectionPipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: the tiny CPU one)")
-    parser.add_argument("--workdir", help="output folder (default: outputs/inspection_pipeline)")
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and worker output")
-    parser.add_argument("overrides", nargs="*", help="<stage>.<field>=value overrides")
-    args = parser.parse_args(argv)
-    overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
-    config = load_config(InspectionPipelineConfig, args.config, overrides)
-    work = Path(config.workdir).resolve()
-    tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
-    init_ray(args.address, verbose=args.verbose)
+    config, work, tracking = start_job(InspectionPipelineConfig, DEFAULT_PRESET, argv, __doc__)
 
     # 1. synthetic inspection scenes in the Roboflow YOLO segmentation layout
     generated = generate_inspection_dataset(work / "scenes", config.generate, overwrite=True)
@@ -103,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=work,
         tracking=tracking,
         model_name=config.model_name,
+        seed=config.seed,
     )
     return 0
 

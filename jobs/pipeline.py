@@ -16,21 +16,18 @@ Every stage's config can be overridden as ``<stage>.<field>=value``, e.g. ``trai
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opsvlm.config import load_config
 from opsvlm.data.pipeline import PrepareConfig, prepare
 from opsvlm.evaluate.run import EvalConfig
-from opsvlm.runtime import init_ray
 from opsvlm.tasks.operations.data.clips import ClipConfig
 from opsvlm.tasks.operations.data.synthetic import GeneratorConfig, generate_dataset
-from opsvlm.train.config import TrackingSettings, TrainConfig
+from opsvlm.train.config import TrainConfig
 from opsvlm.video.sampling import SamplingSpec
-from opsvlm.workflow import STAGES, train_evaluate_promote
+from opsvlm.workflow import STAGES, start_job, train_evaluate_promote
 
 DEFAULT_PRESET = Path(__file__).parent / "configs" / "pipeline_tiny.yaml"
 
@@ -64,18 +61,7 @@ class PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: the tiny CPU one)")
-    parser.add_argument("--workdir", help="output folder (default: outputs/pipeline)")
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and worker output")
-    parser.add_argument("overrides", nargs="*", help="<stage>.<field>=value overrides")
-    args = parser.parse_args(argv)
-    overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
-    config = load_config(PipelineConfig, args.config, overrides)
-    work = Path(config.workdir).resolve()
-    tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
-    init_ray(args.address, verbose=args.verbose)
+    config, work, tracking = start_job(PipelineConfig, DEFAULT_PRESET, argv, __doc__)
 
     # 1. generate synthetic sessions in the OpenPack layout
     sources = generate_dataset(work / "synthetic", config.generate)
@@ -90,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3-6. train, choose on validation (register + promotion gate), report on test (opsvlm.workflow)
     train_evaluate_promote(
-        dataclasses.replace(config.train, seed=config.seed),
-        dataclasses.replace(config.evaluate, seed=config.seed),
+        config.train,
+        config.evaluate,
         prepared=work / "prepared",
         workdir=work,
         tracking=tracking,
         model_name=config.model_name,
+        seed=config.seed,
     )
     return 0
 

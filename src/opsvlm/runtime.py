@@ -21,7 +21,7 @@ __all__ = ["init_ray"]
 
 DRIVER_LOG = "opsvlm-driver.log"
 # Loggers whose console output is Ray's or a library's business, not the job's.
-_QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "mlflow", "alembic", "py.warnings")
+_QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "mlflow", "alembic", "DeepSpeed", "py.warnings")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
@@ -40,6 +40,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     if not verbose:  # MLflow draws a progress bar for every artifact download and prints a link for every run
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        import torch
+
+        if not torch.cuda.is_available():  # DeepSpeed otherwise warns on import that it fell back to the CPU
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     held = None if verbose else _hold_library_logs()  # ray.init itself logs (auth token, dashboard): keep it quiet
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -81,7 +85,9 @@ def _quiet_console(log_dir: Path, held: logging.handlers.MemoryHandler) -> None:
     """Send Ray's and MLflow's driver-side logs (and what ``held`` kept) to ``<log_dir>/opsvlm-driver.log``, and turn
     off Ray Data's progress bars and execution banners (the jobs print their own progress)."""
     import ray.data
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # "Writing model shards" when the tiny fixture is built
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

@@ -13,23 +13,51 @@ task comes with the prepared data, so the same steps serve both:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from opsvlm.config import load_config
 from opsvlm.evaluate.run import MODEL_SYSTEM, EvalConfig, evaluate, format_table
+from opsvlm.runtime import init_ray
 from opsvlm.tasks.base import get_task
 from opsvlm.tracking import ensure_experiment, resolve_tracking_uri, runs_page
 from opsvlm.train.config import TrackingSettings, TrainConfig
 from opsvlm.train.loop import fit
 
-__all__ = ["STAGES", "train_evaluate_promote"]
+__all__ = ["STAGES", "start_job", "train_evaluate_promote"]
 
+T = TypeVar("T")
 STAGES = 6
 """Stages of an end-to-end job (1-2 are the job's own data stages)."""
+
+
+def start_job(config_cls: type[T], preset: Path, argv: list[str] | None, doc: str) -> tuple[T, Path, TrackingSettings]:
+    """The command line every end-to-end job shares: parse it, load the config, connect to Ray.
+
+    ``--config`` (a YAML preset), ``--workdir``, ``--address`` (default ``RAY_ADDRESS``, else a local instance),
+    ``--verbose`` (Ray's logs on the console) and ``<stage>.<field>=value`` overrides.
+
+    Returns:
+        The config, its resolved workdir and the MLflow settings every stage uses.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", default=str(preset), help="YAML preset (default: the tiny CPU one)")
+    parser.add_argument("--workdir", help="output folder (default: the preset's workdir)")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and worker output")
+    parser.add_argument("overrides", nargs="*", help="<stage>.<field>=value overrides")
+    args = parser.parse_args(argv)
+    overrides = [*([f"workdir={args.workdir}"] if args.workdir else []), *args.overrides]
+    config = load_config(config_cls, args.config, overrides)
+    tracking = TrackingSettings(tracking_uri=config.tracking_uri, experiment=config.experiment)
+    init_ray(args.address, verbose=args.verbose)
+    return config, Path(config.workdir).resolve(), tracking
 
 
 def train_evaluate_promote(
@@ -40,6 +68,7 @@ def train_evaluate_promote(
     workdir: Path,
     tracking: TrackingSettings,
     model_name: str,
+    seed: int,
     say: Callable[[str], None] = print,
 ) -> dict:
     """Stages 3-6 of an end-to-end job, one line each, then the test table and one JSON line.
@@ -51,6 +80,7 @@ def train_evaluate_promote(
         workdir: Where Ray Train keeps checkpoints (``<workdir>/ray``).
         tracking: MLflow URI and experiment for every run.
         model_name: Registered model name.
+        seed: The run's seed (training: LoRA init, data order, dropout; the bootstrap resampling).
         say: Where progress lines go.
 
     Returns:
@@ -62,6 +92,7 @@ def train_evaluate_promote(
     started = time.perf_counter()
     train = dataclasses.replace(
         train,
+        seed=seed,
         data=dataclasses.replace(train.data, prepared=str(prepared)),
         storage_path=str(workdir / "ray"),
         tracking=dataclasses.replace(tracking, run_name="train"),
@@ -71,7 +102,7 @@ def train_evaluate_promote(
     say(f"[3/{STAGES}] trained: {trained.steps} steps in {time.perf_counter() - started:.0f} s, run {trained.run_id}")
 
     # 4. validation (selection): the model and the baselines, nothing that costs another model pass
-    model_eval = dataclasses.replace(evaluation, model=trained.run_id, data=str(prepared))
+    model_eval = dataclasses.replace(evaluation, model=trained.run_id, data=str(prepared), seed=seed)
     val = evaluate(
         dataclasses.replace(
             model_eval,
