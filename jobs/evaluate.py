@@ -74,3 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
