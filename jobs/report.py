@@ -103,6 +103,24 @@ def tables(job: str) -> dict[str, str]:
     return {f"{job}-seeds": "\n".join(seeds), f"{job}-systems": "\n".join(systems)}
 
 
+def rerun_table(job: str = "pipeline") -> dict[str, str]:
+    """Same seed, run twice (``reports/<job>/rerun/seed<k>.json`` beside ``reports/<job>/seed<k>.json``)."""
+    lines = ["| seed | split | first run | rerun | difference |", "|---|---|---|---|---|"]
+    for rerun_path in sorted((REPORTS / job / "rerun").glob("seed*.json")):
+        first_path = REPORTS / job / rerun_path.name
+        if not first_path.is_file():
+            continue
+        first, rerun = json.loads(first_path.read_text()), json.loads(rerun_path.read_text())
+        from opsvlm.tasks.base import get_task
+
+        metric = get_task(first["evaluations"]["test"]["task"]).headline_metric
+        for split in ("val", "test"):
+            a = first["evaluations"][split]["metrics"][metric]
+            b = rerun["evaluations"][split]["metrics"][metric]
+            lines.append(f"| {first['seed']} | {split} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+    return {f"{job}-rerun": "\n".join(lines)} if len(lines) > 2 else {}
+
+
 def annotation_table() -> dict[str, str]:
     """The README block of a stored ``jobs/annotate.py`` run (``reports/annotate/test_{scores,summary}.json``)."""
     folder = REPORTS / "annotate"
@@ -152,7 +170,12 @@ def stage1_table() -> dict[str, str]:
 def render() -> None:
     """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block of the README that has data."""
     text = README.read_text()
-    blocks = {name: block for job in JOBS for name, block in tables(job).items()} | annotation_table() | stage1_table()
+    blocks = (
+        {name: block for job in JOBS for name, block in tables(job).items()}
+        | rerun_table()
+        | annotation_table()
+        | stage1_table()
+    )
     for name, block in blocks.items():
         start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
         if start not in text or end not in text:
