@@ -442,14 +442,10 @@ def _serve_config(tmp_path: Path, tracking_uri: str, media_root: Path, port: int
     # `serve deploy` takes only remote working_dir URIs; on this one-node cluster the repository is on the node.
     env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
     env_vars.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
-    app["args"].update(
-        {
-            "model": f"models:/{MODEL_NAME}@champion",
-            "tracking_uri": tracking_uri,
-            "model_cache_dir": str(tmp_path / "model-cache"),
-            "allowed_root": str(media_root),
-        }
+    app["args"]["model"].update(
+        {"ref": f"models:/{MODEL_NAME}@champion", "tracking_uri": tracking_uri, "cache_dir": str(tmp_path / "cache")}
     )
+    app["args"]["limits"]["allowed_root"] = str(media_root)
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
