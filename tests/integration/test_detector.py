@@ -97,17 +97,29 @@ def test_run_is_tracked_and_registered_with_champion(trained, mlflow_server):
     assert trained["decision"]["promoted"] and trained["version"] == 1
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert champion.version == "1" and champion.tags["kind"] == "detector"
-    assert float(champion.tags["metric.map50"]) == pytest.approx(trained["metrics"]["test/map50"])
-    # The gate: the same score again is not an improvement; forcing is recorded.
-    again = register_detector(
+    # choose on validation: the version carries the validation scores, the test figures stay in the run
+    assert float(champion.tags["metric.map50"]) == pytest.approx(trained["metrics"]["val/map50"])
+    assert champion.tags["eval_split"] == trained["val_split"]
+    on_test = register_detector(
         trained["run_id"],
         name=MODEL_NAME,
-        metrics={"map50_95": trained["metrics"]["test/map50_95"]},
+        metrics={"map50_95": 1.0},
         eval_split=trained["eval_split"],
         tracking_uri=mlflow_server,
     )
+    refused = promote_detector(MODEL_NAME, on_test.version, force=True, tracking_uri=mlflow_server)
+    assert not refused["promoted"] and "chooses on validation" in refused["reason"]
+    # The gate (the VLM's paired bootstrap over the same validation images): the same boxes again are a tie, not an
+    # improvement; forcing is recorded.
+    again = register_detector(
+        trained["run_id"],
+        name=MODEL_NAME,
+        metrics={"map50_95": trained["metrics"]["val/map50_95"]},
+        eval_split=trained["val_split"],
+        tracking_uri=mlflow_server,
+    )
     kept = promote_detector(MODEL_NAME, again.version, tracking_uri=mlflow_server)
-    assert not kept["promoted"] and "<=" in kept["reason"]
+    assert not kept["promoted"] and "does not clear 0" in kept["reason"] and "[+0.0000, +0.0000]" in kept["reason"]
     forced = promote_detector(MODEL_NAME, again.version, force=True, tracking_uri=mlflow_server)
     assert forced["promoted"] and forced["forced"]
     assert client.get_model_version(MODEL_NAME, again.version).tags["promotion.forced"] == "true"

@@ -30,9 +30,11 @@ __all__ = [
     "DEFAULT_DETECTOR_NAME",
     "HEADLINE",
     "META_FILE",
+    "VAL_BOXES",
     "WEIGHTS_ONNX",
     "WEIGHTS_PT",
     "DetectorRefError",
+    "boxes_record",
     "promote_detector",
     "read_meta",
     "register_detector",
@@ -122,18 +124,63 @@ def _score(version: Any, metric: str) -> float | None:
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
+    """The version an alias points to, ``None`` only when the alias does not exist (any registry error propagates:
+    the promotion fails closed, as the VLM's does)."""
+    aliases = client.get_registered_model(name).aliases or {}
+    return client.get_model_version(name, str(aliases[alias])) if alias in aliases else None
 
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+
+VAL_BOXES = "detector_eval/val_boxes.json"  # a training run's validation boxes per image (the gate's evidence)
+
+
+def boxes_record(image) -> dict:
+    """One image's predicted and true boxes as JSON (an ``ImageBoxes``)."""
+    return {
+        "pred_boxes": image.pred_boxes.tolist(),
+        "pred_scores": image.pred_scores.tolist(),
+        "pred_types": list(image.pred_types),
+        "true_boxes": image.true_boxes.tolist(),
+        "true_types": list(image.true_types),
+    }
+
+
+def _paired_map(client: Any, challenger: Any, champion: Any, metric: str, n_boot: int):
+    """Paired bootstrap over the validation images both versions were scored on: (challenger - champion) ``metric``."""
+    from opsvlm.stats import paired_bootstrap
+    from opsvlm.tasks.inspection.detect.matching import ImageBoxes, image_hits, map_from_hits
+
+    def load(version) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(version.run_id, VAL_BOXES, tmp)).read_text())
+
+    mine, theirs = load(challenger), load(champion)
+    if mine["types"] != theirs["types"] or len(mine["images"]) != len(theirs["images"]):
+        raise ValueError("the two versions' validation images or types differ")
+
+    def hits(stored: dict) -> list:
+        return [image_hits(ImageBoxes.of(**record), stored["types"]) for record in stored["images"]]
+
+    def metric_of(pieces: list):
+        return lambda idx: map_from_hits([pieces[i] for i in idx], mine["types"])[metric]
+
+    a, b = hits(mine), hits(theirs)
+    return paired_bootstrap(metric_of(a), metric_of(b), list(range(len(a))), n_boot=n_boot)
 
 
 def promote_detector(
-    name: str, version: int | str, *, force: bool = False, metric: str = HEADLINE, tracking_uri: str | None = None
+    name: str,
+    version: int | str,
+    *,
+    force: bool = False,
+    metric: str = HEADLINE,
+    margin: float = 0.0,
+    n_boot: int = 500,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Move ``champion`` to ``version`` if its ``metric`` beats the champion's on the same evaluation split.
+    """Move ``champion`` to ``version`` through the VLM's gate: a paired bootstrap over the same validation images.
+
+    Choose on validation: a version scored on any other split is never promoted (not even forced), nor one without a
+    finite score; registry errors abort the promotion.
 
     Returns:
         ``{"promoted", "forced", "version", "previous_champion", "score", "champion_score", "reason"}``; the decision
@@ -147,18 +194,29 @@ def promote_detector(
     champion_score = _score(champion, metric) if champion is not None else None
     if previous == number:
         promoted, reason = False, f"v{number} is already the champion"
+    elif score is None:
+        promoted, reason = False, f"challenger v{number} has no finite metric.{metric}"
+    elif not split.startswith("val:"):
+        promoted, reason = False, f"challenger v{number} was scored on {split or '?'}: the gate chooses on validation"
     elif champion is None:
         promoted, reason = True, f"{metric} {score}, no champion yet (split {split or '?'})"
-    elif score is None:
-        promoted, reason = False, f"challenger v{number} has no metric.{metric}"
     elif champion.tags.get("eval_split", "") != split:
         promoted = False
         reason = f"challenger v{number} was scored on split {split} but champion v{previous} on another split"
-    elif champion_score is None or score > champion_score:
-        promoted, reason = True, f"{metric} {score:.4f} > champion v{previous} {champion_score} (split {split})"
     else:
-        promoted, reason = False, f"{metric} {score:.4f} <= champion v{previous} {champion_score:.4f} (split {split})"
-    forced = force and not promoted and previous != number
+        # the VLM's gate: a paired bootstrap over the same validation images must put the lower 95% bound of the
+        # difference above the margin; a noisy tie keeps the champion
+        try:
+            comparison = _paired_map(client, challenger, champion, metric, n_boot)
+        except (OSError, ValueError, KeyError) as exc:  # a version without stored boxes, or other images
+            comparison, promoted = None, False
+            reason = f"challenger v{number} and champion v{previous} cannot be compared on the same images: {exc}"
+        if comparison is not None:
+            diff = f"diff {comparison.difference:+.4f} [{comparison.low:+.4f}, {comparison.high:+.4f}]"
+            promoted = comparison.better(margin)
+            verdict = f"> {margin:g}" if promoted else f"does not clear {margin:g}"
+            reason = f"{metric} {score:.4f} vs champion v{previous} {champion_score}: {diff} {verdict} (split {split})"
+    forced = force and not promoted and previous != number and score is not None and split.startswith("val:")
     if forced:
         promoted, reason = True, f"forced over: {reason}"
     if promoted:

@@ -36,8 +36,10 @@ from opsvlm.detection.registry import (
     ARTIFACT,
     DEFAULT_DETECTOR_NAME,
     META_FILE,
+    VAL_BOXES,
     WEIGHTS_ONNX,
     WEIGHTS_PT,
+    boxes_record,
     promote_detector,
     register_detector,
 )
@@ -68,8 +70,8 @@ class DetectorTrainConfig:
         class_map: Detector class -> object type, recorded for serving; empty = the default mapping (needed only
             when ``collapse`` names classes other than the object types).
         yolo: Ultralytics training settings (model YAML or checkpoint, epochs, imgsz, batch, workers, device, ...).
-        val_split: Split scored for choosing (logged as ``val/*``).
-        eval_split: Split the reported figures and the gate use (``test/*``).
+        val_split: Split scored for choosing (logged as ``val/*``; the registered version's scores, the gate's).
+        eval_split: Split the reported figures use (``test/*``); the gate uses ``val_split``.
         score_conf: Score threshold while scoring (low: mAP needs the whole precision-recall curve).
         serve_conf: Default score threshold recorded for serving and batch inference.
         export_onnx: Also export, score and log ``weights.onnx``.
@@ -216,6 +218,10 @@ def fit_and_score(config: DetectorTrainConfig, data_yaml: str, run_id: str, trac
         if split_name == config.eval_split:
             seconds["pt_per_image"] = per_image
     eval_boxes = boxes_by_split[config.eval_split]
+    # the validation split's boxes, image by image: what the promotion gate compares two versions on
+    client.log_dict(
+        run_id, {"types": types, "images": [boxes_record(b) for b in boxes_by_split[config.val_split]]}, VAL_BOXES
+    )
     metrics["test/n_images"] = float(len(eval_images))
     metrics["test/n_objects"] = float(sum(len(im.detections) for im in eval_images))
     if config.bootstrap:
@@ -270,6 +276,7 @@ def fit_and_score(config: DetectorTrainConfig, data_yaml: str, run_id: str, trac
     return {
         "metrics": metrics,
         "eval_split": split_id(config.eval_split, [im.image_path for im in eval_images]),
+        "val_split": split_id(config.val_split, [im.image_path for im in splits[config.val_split]]),
         "names": result.names,
         "seconds": seconds,
         "save_dir": str(save_dir),
@@ -321,12 +328,13 @@ def train_detector(config: DetectorTrainConfig) -> dict[str, Any]:
         mlflow.set_tag("opsvlm.eval_split", outcome["eval_split"])
     version = decision = None
     if config.register:
-        headline = {k: v for k, v in outcome["metrics"].items() if k.startswith("test/") and np.isfinite(v)}
+        # choose on validation: the version carries its validation scores; the test figures are the run's report
+        selection = {k: v for k, v in outcome["metrics"].items() if k.startswith("val/") and np.isfinite(v)}
         registered = register_detector(
             run.info.run_id,
             name=config.model_name,
-            metrics={k.removeprefix("test/"): v for k, v in headline.items()},
-            eval_split=outcome["eval_split"],
+            metrics={k.removeprefix("val/"): v for k, v in selection.items()},
+            eval_split=outcome["val_split"],
             tracking_uri=uri,
         )
         version = int(registered.version)
@@ -335,6 +343,7 @@ def train_detector(config: DetectorTrainConfig) -> dict[str, Any]:
         "run_id": run.info.run_id,
         "metrics": outcome["metrics"],
         "eval_split": outcome["eval_split"],
+        "val_split": outcome["val_split"],
         "dataset": dataset.to_dict(),
         "version": version,
         "decision": decision,
