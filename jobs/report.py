@@ -103,6 +103,22 @@ def tables(job: str) -> dict[str, str]:
     return {f"{job}-seeds": "\n".join(seeds), f"{job}-systems": "\n".join(systems)}
 
 
+def console_block(job: str = "pipeline") -> dict[str, str]:
+    """The console of the first stored seed run, up to the results table (what a person sees while it runs)."""
+    paths = sorted((REPORTS / job).glob("seed*.json"))
+    if not paths:
+        return {}
+    record = json.loads(paths[0].read_text())
+    lines = []
+    for line in record["console"]:
+        if not line.strip():
+            break
+        lines.append(line)
+    commit = record["evaluations"]["test"]["commit"]
+    body = "\n".join(lines)
+    return {f"{job}-console": f"The console of seed {record['seed']} (commit {commit}):\n\n```\n{body}\n```"}
+
+
 def rerun_table(job: str = "pipeline") -> dict[str, str]:
     """Same seed, run twice (``reports/<job>/rerun/seed<k>.json`` beside ``reports/<job>/seed<k>.json``)."""
     lines = ["| seed | split | first run | rerun | difference |", "|---|---|---|---|---|"]
@@ -172,6 +188,7 @@ def render() -> None:
     text = README.read_text()
     blocks = (
         {name: block for job in JOBS for name, block in tables(job).items()}
+        | console_block()
         | rerun_table()
         | annotation_table()
         | stage1_table()
