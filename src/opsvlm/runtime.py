@@ -84,6 +84,7 @@ def _hold_library_logs() -> logging.handlers.MemoryHandler:
 def _quiet_console(log_dir: Path, held: logging.handlers.MemoryHandler) -> None:
     """Send Ray's and MLflow's driver-side logs (and what ``held`` kept) to ``<log_dir>/opsvlm-driver.log``, and turn
     off Ray Data's progress bars and execution banners (the jobs print their own progress)."""
+    import mlflow  # noqa: F401  (imported here so that the console handler it installs on import is removed below)
     import ray.data
     from transformers.utils import logging as transformers_logging
 
