@@ -95,6 +95,7 @@ def configure_offline(config_dir: str | os.PathLike | None = None) -> Path:
     os.environ["YOLO_AUTOINSTALL"] = "false"
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
+    _restore_pil_open()
     fonts_dir = Path(USER_CONFIG_DIR)
     fonts_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib
@@ -113,6 +114,20 @@ def configure_offline(config_dir: str | os.PathLike | None = None) -> Path:
     if not _CONFIGURED:
         _CONFIGURED.append(folder)
     return folder
+
+
+def _restore_pil_open() -> None:
+    """Undo Ultralytics' process-wide replacement of ``PIL.Image.open`` (made when it is imported).
+
+    Its wrapper tries to pip-install a HEIF plugin when Pillow cannot identify a file, so in any process that imported
+    Ultralytics every undecodable upload to the Serve app became a ``ModuleNotFoundError`` (offline) instead of
+    Pillow's ``UnidentifiedImageError``: a bad image turned into a server error. Pillow's own function is put back.
+    """
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    if getattr(Image.open, "__module__", "") == patches.__name__:
+        Image.open = patches._image_open
 
 
 def resolve_device(device: str) -> str:
