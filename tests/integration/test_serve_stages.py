@@ -107,10 +107,16 @@ def detector(mlflow_server, tmp_path_factory) -> dict:
         client.log_artifacts(run.info.run_id, str(folder), "detector")
     finally:
         client.set_terminated(run.info.run_id)
+    # wiring only: an untrained detector, "scored" on a validation split id of its own (the gate chooses on validation;
+    # the first version of a name becomes champion without a comparison)
     version = register_detector(
-        run.info.run_id, name=DETECTOR_NAME, metrics={"map50_95": 0.0}, eval_split="none", tracking_uri=mlflow_server
+        run.info.run_id,
+        name=DETECTOR_NAME,
+        metrics={"map50_95": 0.0},
+        eval_split="val:wiring",
+        tracking_uri=mlflow_server,
     )
-    promote_detector(DETECTOR_NAME, version.version, force=True, tracking_uri=mlflow_server)
+    assert promote_detector(DETECTOR_NAME, version.version, tracking_uri=mlflow_server)["promoted"]
     return {"ref": f"models:/{DETECTOR_NAME}@champion", "version": str(version.version), "uri": mlflow_server}
 
 
