@@ -460,19 +460,6 @@ def run_baseline(env: dict[str, Any], args: dict[str, Any], opts: argparse.Names
 # --- (a) Ray Serve ---------------------------------------------------------------------------------------------------
 
 
-def start_ray(cpus: int) -> None:
-    import ray
-
-    from opsvlm.runtime import init_ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        sys.exit("bench_serve: unset RAY_ADDRESS: the benchmark needs its own local Ray instance")
-    init_ray(num_cpus=cpus)
-    have = ray.cluster_resources().get("CPU", 0)
-    if have != cpus:
-        sys.exit(f"bench_serve: Ray has {have} CPUs, expected {cpus} (connected to another instance?)")
-
-
 def deploy(config_path: Path, args: dict[str, Any], port: int) -> float:
     """Deploy a Serve config (with these app args) the way ``serve run config.yaml`` does; returns seconds."""
     import yaml
@@ -540,6 +527,8 @@ def run_serve(env: dict[str, Any], args: dict[str, Any], opts: argparse.Namespac
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log(f"(a) Ray Serve on {url}, {opts.cpus} CPUs (load {load_avg()})")
+    from opsvlm.testing.cluster import start_ray
+
     start_ray(opts.cpus)
     results = {}
     try:
@@ -617,6 +606,8 @@ def run_overload(env: dict[str, Any], args: dict[str, Any], opts: argparse.Names
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log(f"overload: Ray Serve on {url}, {opts.cpus} CPUs (load {load_avg()})")
+    from opsvlm.testing.cluster import start_ray
+
     start_ray(opts.cpus)
     try:
         seconds = deploy(opts.serve_config, {**args, "separate_decoder": False}, port)

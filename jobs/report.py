@@ -3,12 +3,16 @@ README's figures from the stored summaries (never typed by hand).
 
     python jobs/report.py run --seeds 0 1 2                     # the main job (jobs/pipeline.py)
     python jobs/report.py run --job inspection --seeds 0        # jobs/inspection_pipeline.py
+    python jobs/report.py bench annotate                        # benchmarks/bench_annotate.py, result stored
     python jobs/report.py render                                # README blocks between <!-- figures:NAME --> markers
 
 Each seed runs in a new workdir with a new MLflow store and an empty model cache. ``run`` writes
 ``reports/<job>/seed<k>.json``: the job's final JSON line, the stored validation and test evaluation summaries
 (split, role, n, groups, intervals, seed, commit), the wall time and the console. ``render`` rewrites only the marked
 blocks of README.md: ``<job>-seeds`` (one row per seed) and ``<job>-systems`` (every system of the first seed).
+``bench NAME [ARGS]`` runs ``benchmarks/bench_NAME.py ARGS`` and stores its final JSON line with the commit, the
+command, the 1-minute load average before and after and the wall time in ``reports/bench/NAME.json`` (README block
+``bench-NAME``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,51 @@ def run(job: str, seeds: list[int], extra: list[str]) -> None:
                       "evaluations": evaluations, "console": lines}  # fmt: skip
             (out / f"seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
             print(f"{job} seed {seed}: {wall:.0f} s, {json.dumps({k: v for k, v in summary.items() if 'test' in k})}")
+
+
+def bench(name: str, extra: list[str]) -> None:
+    """Run one benchmark script and store its final JSON line with where and how it ran."""
+    script = REPO / "benchmarks" / f"bench_{name}.py"
+    if not script.is_file():
+        raise SystemExit(f"no benchmark {script}")
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "src", "benchmarks", "serve_app", "jobs"],
+                                capture_output=True, text=True).stdout.strip())  # fmt: skip
+    command = [sys.executable, str(script), *extra]
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    wall, load_after = time.perf_counter() - started, os.getloadavg()[0]
+    if done.returncode != 0:
+        raise SystemExit(f"bench {name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    record = {"benchmark": name, "commit": commit, "tree_dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+              time.gmtime()), "command": ["python", f"benchmarks/bench_{name}.py", *extra], "wall_s": round(wall, 1),
+              "load_1m_before": round(load_before, 2), "load_1m_after": round(load_after, 2), "cpus": os.cpu_count(),
+              "result": result}  # fmt: skip
+    (REPORTS / "bench").mkdir(parents=True, exist_ok=True)
+    (REPORTS / "bench" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def bench_blocks() -> dict[str, str]:
+    """One README block per stored benchmark run: where it ran, then every scalar of its JSON line."""
+    blocks = {}
+    for path in sorted((REPORTS / "bench").glob("*.json")):
+        record = json.loads(path.read_text())
+        result = record["result"]
+        dirty = " (uncommitted changes)" if record["tree_dirty"] else ""
+        head = (
+            f"`{' '.join(record['command'])}` at commit {record['commit']}{dirty}, {record['date']}, "
+            f"{record['cpus']} CPUs, 1-minute load {record['load_1m_before']} before and {record['load_1m_after']} "
+            f"after; stored in `reports/bench/{path.name}`."
+        )
+        rows = ["| field | value |", "|---|---|"]
+        rows += [
+            f"| {k} | {v} |" for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k != "benchmark"
+        ]
+        blocks[f"bench-{record['benchmark']}"] = "\n".join([head, "", *rows])
+    return blocks
 
 
 def _cell(value: float | None, ci: list[float | None] | None) -> str:
@@ -192,6 +241,7 @@ def render() -> None:
         | rerun_table()
         | annotation_table()
         | stage1_table()
+        | bench_blocks()
     )
     for name, block in blocks.items():
         start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
@@ -211,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_argument("--job", choices=sorted(JOBS), default="pipeline")
     runs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     runs.add_argument("overrides", nargs="*", help="extra jobs/pipeline.py overrides")
+    benches = sub.add_parser("bench", help="run a benchmark script and store its JSON line")
+    benches.add_argument("name", help="NAME of benchmarks/bench_NAME.py")
+    benches.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     sub.add_parser("render", help="regenerate the README figures from the stored summaries")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.job, args.seeds, args.overrides)
+    elif args.command == "bench":
+        bench(args.name, args.args)
     render()
     return 0
 

@@ -457,8 +457,9 @@ def _detector(config: ServeAppConfig) -> Application | None:
     settings = config.detector
     if not settings.enabled:
         return None
-    from opsvlm.detection.serve import detector_deployment
+    from opsvlm.detection.serve import check_class_map, detector_deployment
 
+    check_class_map(settings.class_map, "detector.class_map")  # refused at deploy, not in every replica
     ref = settings.ref
     if Path(ref).exists():  # a file or folder: the same path on every node, as for model.ref
         ref = str(Path(ref).resolve())

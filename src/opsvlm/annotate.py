@@ -230,9 +230,10 @@ def score_windows(tasks: list[dict], model_dir: str, spec: SamplingSpec, config:
         fn_constructor_kwargs={"model_dir": model_dir, "threads": int(config.cpus_per_actor)},
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        concurrency=config.actors,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
+        max_restarts=0,  # a predictor that dies fails the job loudly (a restart could not re-fetch its arguments)
     )
     return scored.take_all()
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from opsvlm.data.pipeline import PrepareConfig, prepare
 from opsvlm.tasks.operations.data.clips import ClipConfig
-from opsvlm.testing.processes import free_port, healthy, stop_process
+from opsvlm.testing.processes import MlflowServer
 from opsvlm.video.sampling import SamplingSpec
 from tests.conftest import make_session
 
@@ -34,43 +30,14 @@ FRAMES_PER_CLIP = 4
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts); yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    mlflow_cli = Path(sys.executable).parent / "mlflow"
-    command = [
-        str(mlflow_cli),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",  # the default (4) would start four uvicorn processes on a 2-core box
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{(root / 'server.log').read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:.0f} s:\n"
-                    f"{(root / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
-        yield url
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), start_timeout_s=SERVER_START_TIMEOUT_S).start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.url
     finally:
-        stop_process(process)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

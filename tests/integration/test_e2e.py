@@ -46,7 +46,7 @@ import pytest
 import yaml
 
 from opsvlm.tasks.operations import LABEL_NAMES
-from opsvlm.testing.processes import free_port, healthy, stop_process
+from opsvlm.testing.processes import MlflowServer, free_port
 from tests.integration.conftest import SERVER_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,39 +251,16 @@ def _wait_for_job_server(head: Head, deadline: float) -> None:
 @pytest.fixture
 def mlflow_url(tmp_path: Path) -> Iterator[str]:
     """An ``mlflow server`` of this test only (empty registry); stopped by process group after."""
-    root = tmp_path / "mlflow"
-    root.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-    ]
-    env = _clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log_path = root / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + SERVER_START_TIMEOUT_S * 2  # the box is shared with a Ray job or two
-            while not healthy(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server not healthy (exit code {process.poll()}):\n{log_path.read_text()}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            stop_process(process)
+    # the box is shared with a Ray job or two: allow twice the usual start
+    server = MlflowServer(tmp_path / "mlflow", env=_clean_env(), start_timeout_s=SERVER_START_TIMEOUT_S * 2)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 # --- the job ---------------------------------------------------------------------------------------------------------

@@ -344,3 +344,12 @@ def test_a_detector_class_without_a_mapping_is_a_clear_503(serving, media):
     assert response.status_code == 503 and response.json()["error"] == "detector_unavailable", response.text
     assert "have no object type" in response.json()["detail"] and "Retry-After" in response.headers
     assert_healthy(http, "/ops")
+
+
+def test_a_class_map_to_an_unknown_object_type_is_refused_at_build(checkpoints, media, detector, tmp_path):
+    from opsvlm.tasks.inspection.detect.detector import DetectorError
+    from serve_app.app import build_app
+
+    args = app_args(checkpoints["inspection"], media, detector, tmp_path, class_map={"x": "pothole"})
+    with pytest.raises(DetectorError, match=r"detector\.class_map\['x'\]"):
+        build_app(args)

@@ -5,20 +5,12 @@ restarts (not the session's shared server), a real tiny adapter checkpoint, the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from opsvlm.serving import LocalBackend, ModelWatcher, ServingLimits, create_app
-from opsvlm.testing.processes import free_port
-from opsvlm.testing.processes import healthy as _healthy
-from opsvlm.testing.processes import stop_process as _stop
+from opsvlm.testing.processes import MlflowServer
 from tests.unit.test_serving import FPS, SPEC, ramp_frame, register_checkpoint, write_adapter_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -27,47 +19,14 @@ MODEL_NAME = "opsvlm-cache-test"
 START_TIMEOUT_S = 60.0
 
 
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:``port`` over the store in ``root`` (kept across restarts)."""
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = (root / "server.log").open("ab")
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _healthy(f"http://127.0.0.1:{port}"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            _stop(process)
-            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    return process
-
-
 @pytest.fixture
 def server(tmp_path):
-    """A server this test owns: ``{"url", "root", "port", "process"}``; stopped at the end whatever happened."""
-    root = tmp_path / "mlflow"
-    root.mkdir()
-    port = free_port()
-    state = {"url": f"http://127.0.0.1:{port}", "root": root, "port": port}
-    state["process"] = start_server(root, port)
+    """A server this test owns (stopped and started again by the test); stopped at the end whatever happened."""
+    owned = MlflowServer(tmp_path / "mlflow", start_timeout_s=START_TIMEOUT_S)
     try:
-        yield state
+        yield owned.start()
     finally:
-        _stop(state["process"])
+        owned.stop()
 
 
 def test_replica_starts_from_cache_with_mlflow_stopped_and_catches_up(server, tiny_model_dir, tmp_path, monkeypatch):
@@ -76,7 +35,7 @@ def test_replica_starts_from_cache_with_mlflow_stopped_and_catches_up(server, ti
     # An unreachable server must fail fast (MLflow's default retries for minutes): what the Serve configs set too.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    url, cache = server["url"], tmp_path / "cache"
+    url, cache = server.url, tmp_path / "cache"
     client = MlflowClient(url, url)
     experiment_id = client.create_experiment("serving-cache")
     checkpoint = write_adapter_checkpoint(tmp_path / "v1", tiny_model_dir, SPEC)
@@ -89,7 +48,7 @@ def test_replica_starts_from_cache_with_mlflow_stopped_and_catches_up(server, ti
     assert len(cached_dirs) == 1 and first.current.run_id in cached_dirs[0].name  # keyed by server and run
     assert cache.stat().st_mode & 0o777 == 0o700
 
-    _stop(server["process"])  # MLflow goes away
+    server.stop()  # MLflow goes away
     second = ModelWatcher(ref, tracking_uri=url, cache_dir=cache, load_attempts=1)
     assert second.current.source == "cache" and second.current.version == version
     assert second.registry_reachable is False and "unreachable" in second.last_error
@@ -110,6 +69,6 @@ def test_replica_starts_from_cache_with_mlflow_stopped_and_catches_up(server, ti
     with pytest.raises(Exception, match=MODEL_NAME):
         ModelWatcher(ref, tracking_uri="http://127.0.0.1:1", cache_dir=cache, load_attempts=1)
 
-    server["process"] = start_server(server["root"], server["port"])  # MLflow is back
+    server.start()  # MLflow is back, on the same port and store
     assert second.poll() is False  # the same version: nothing to load, but the registry confirms it
     assert second.current.source == "registry" and second.registry_reachable and second.last_error is None

@@ -18,6 +18,7 @@ from opsvlm.model import build
 from opsvlm.model import checkpoint as ckpt
 from opsvlm.model.build import LoraSettings, ModelConfig
 from opsvlm.model.prompt import collate, encode_row
+from opsvlm.testing.processes import MlflowServer
 from opsvlm.train.config import DataSettings, OptimSettings, ScalingSettings, TrackingSettings, TrainConfig
 from opsvlm.train.loop import fit
 from opsvlm.video.sampling import SamplingSpec
@@ -252,55 +253,6 @@ def test_train_job_rejects_zero3_with_nf4_before_starting(ray_local, prepared_cl
         job.main(argv)
     assert "ZeRO-2" in str(error.value)  # the message says what to use instead
     assert not storage.exists() and not (tmp_path / "mlflow").exists()
-
-
-class MlflowServer:
-    """An ``mlflow server`` on one port and SQLite store that can be stopped and started again (an outage)."""
-
-    def __init__(self, root: Path) -> None:
-        from opsvlm.testing.processes import free_port
-
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self) -> None:
-        import subprocess
-        import sys
-        import time
-
-        from opsvlm.testing.processes import healthy
-
-        command = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        log = (self.root / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        while not healthy(self.url):
-            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        from opsvlm.testing.processes import stop_process
-
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
 
 
 def last_value_per_step(client, run_id: str, key: str) -> dict[int, float]:

@@ -1,5 +1,6 @@
-"""The layout's rules, checked on the source: no import cycles, a pure core (Ray and the servers at the edges), and no
-task named outside ``tasks/``. Imports are read with ``ast`` from every module, function-level ones included."""
+"""The layout's rules, checked on the source: no import cycles, a pure core (Ray and the servers at the edges), no
+task named outside ``tasks/``, task packages imported outside ``tasks/`` only by that task's listed edges, and
+``__all__`` in public modules. Imports are read with ``ast`` from every module, function-level ones included."""
 
 from __future__ import annotations
 
@@ -14,6 +15,25 @@ PACKAGE = SRC / "opsvlm"
 PURE = ("opsvlm.tasks", "opsvlm.video", "opsvlm.metrics", "opsvlm.stats", "opsvlm.config", "opsvlm.types")
 FORBIDDEN_IN_PURE = ("ray", "mlflow", "fastapi", "starlette", "opsvlm.train", "opsvlm.evaluate", "opsvlm.serving")
 TASK_NAMES = ("operations", "inspection")
+# The only modules outside ``tasks/`` that import one task's own package (beyond ``opsvlm.tasks.base``): the Ray,
+# MLflow and HTTP side of a capability only that task has. They cannot live in ``tasks/``, which stays pure; each
+# serves exactly one task, and the generic machinery (train, evaluate, registry, inference, workflow, the serving
+# core, video, model) never imports them.
+TASK_EDGES = {
+    "opsvlm.data.pipeline": "opsvlm.tasks.operations",  # Ray Data preparation of OpenPack recordings into clips
+    "opsvlm.timeline": "opsvlm.tasks.operations",  # whole-recording timelines: windows, fusion, grammar decoding
+    "opsvlm.annotate": "opsvlm.tasks.operations",  # the Ray Data batch annotation job over recordings
+    "opsvlm.serving.timeline": "opsvlm.tasks.operations",  # POST /timeline
+    "opsvlm.data.inspection_prep": "opsvlm.tasks.inspection",  # Ray Data preparation of YOLO datasets into objects
+    "opsvlm.serving.objects": "opsvlm.tasks.inspection",  # POST /predict_objects: stage-1 detections -> conditions
+    "opsvlm.detection": "opsvlm.tasks.inspection",  # the stage-1 detector: Ray Train, MLflow registry, Serve
+}
+# Other modules allowed one task package, that are no task capability: the tiny test checkpoint's tokenizer is
+# trained on a fixed corpus that holds the operation names (changing it would move every pinned figure).
+FIXTURES = {"opsvlm.testing.tiny": "opsvlm.tasks.operations"}
+# Where the edges are put together: the app's tuple of endpoints, and the in-process backend that answers /timeline's
+# question about the model.
+COMPOSITION = ("opsvlm.serving.app", "opsvlm.serving.local")
 
 
 def module_name(path: Path) -> str:
@@ -119,6 +139,39 @@ def test_nothing_outside_tasks_names_a_task() -> None:
                 names = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant)]
                 if any(v in TASK_NAMES for v in names):
                     offenders.append(f"{name}:{node.lineno} compares with a task name")
+    assert not offenders, offenders
+
+
+def _edge_of(name: str) -> str | None:
+    return next((task for edge, task in TASK_EDGES.items() if name == edge or name.startswith(edge + ".")), None)
+
+
+def test_only_task_edges_import_a_task_package() -> None:
+    """Outside ``tasks/`` a module reaches a task through ``opsvlm.tasks.base`` (the registry and the hooks); only the
+    listed edges import a task package, each only its own task's."""
+    offenders = []
+    for name, path in modules().items():
+        if name.startswith("opsvlm.tasks"):
+            continue
+        allowed = _edge_of(name) or FIXTURES.get(name)
+        for imported in imports_of(path, name):
+            if not imported.startswith("opsvlm.tasks.") or imported == "opsvlm.tasks.base":
+                continue
+            if allowed is None or not (imported == allowed or imported.startswith(allowed + ".")):
+                offenders.append(f"{name} imports {imported}")
+    assert not offenders, offenders
+
+
+def test_generic_machinery_does_not_import_task_edges() -> None:
+    """Training, evaluation, the registry, inference, the workflow, the model and the serving core know no task edge
+    (so a new task needs no change there)."""
+    offenders = []
+    for name, path in modules().items():
+        if name.startswith("opsvlm.tasks") or _edge_of(name) is not None or name in COMPOSITION:
+            continue
+        for imported in imports_of(path, name):
+            if _edge_of(imported) is not None:
+                offenders.append(f"{name} imports the task edge {imported}")
     assert not offenders, offenders
 
 

@@ -8,7 +8,7 @@ import decord
 import numpy as np
 import pytest
 
-from opsvlm.tasks.operations.data.openpack import frame_time_from_name, list_frames
+from opsvlm.video.frames import frame_time_from_name, list_frames
 from opsvlm.video import decode
 from opsvlm.video.decode import (
     ClipFrames,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from opsvlm.serving import ServingError, ServingLimits
 from opsvlm.serving.media import decode_image
-from opsvlm.serving.requests import parse_object_detections
+from opsvlm.serving.objects import parse_object_detections
 
 LIMITS = ServingLimits()
 

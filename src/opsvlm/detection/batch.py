@@ -166,6 +166,7 @@ def detect_folder(config: BatchDetectConfig) -> dict[str, Any]:
             a bad reference or an unmapped class fails before any actor starts).
     """
     import ray
+    import ray.data
 
     if not config.images or not config.out:
         raise DetectorError("images and out are required")
@@ -182,9 +183,10 @@ def detect_folder(config: BatchDetectConfig) -> dict[str, Any]:
         DetectImages,
         fn_constructor_kwargs={"root": str(Path(config.images).resolve()), "out": str(out), "config": detector},
         batch_size=config.batch_size,
-        concurrency=config.actors,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
+        max_restarts=0,  # an actor that dies fails the job loudly (a restart could not re-fetch its arguments)
     ).take_all()
     write_predictions_yaml(out, OBJECT_TYPES)
     per_type: Counter = Counter()

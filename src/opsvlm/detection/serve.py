@@ -34,6 +34,7 @@ from ray import serve
 from opsvlm.detection.registry import read_meta, resolve_detector
 from opsvlm.tasks.inspection.data.yolo import StageOneDetection
 from opsvlm.tasks.inspection.detect.detector import (
+    ClassMapping,
     Detection,
     DetectorConfig,
     DetectorError,
@@ -41,7 +42,18 @@ from opsvlm.tasks.inspection.detect.detector import (
 )
 from opsvlm.tasks.inspection.detect.load import load_detector
 
-__all__ = ["DetectorServer", "DetectorUnavailable", "detector_deployment", "pin_reference"]
+__all__ = ["DetectorServer", "DetectorUnavailable", "check_class_map", "detector_deployment", "pin_reference"]
+
+
+def check_class_map(mapping: Mapping[str, str], field: str) -> None:
+    """Refuse a detector class -> object type mapping whose values are not object types (names ``field``).
+
+    Raises:
+        DetectorError: naming the field and the bad entry.
+    """
+    if mapping:
+        ClassMapping(dict(mapping), field)
+
 
 _MODELS_REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
 _RUNS_REF = re.compile(r"runs:/(?P<run_id>[^/]+)(?:/.*)?")

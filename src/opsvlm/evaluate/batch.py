@@ -97,6 +97,8 @@ def predict_dataset(
     Returns:
         A Ray Dataset of ``ANSWER_SCHEMA`` rows.
     """
+    import ray.data
+
     return dataset.map_batches(
         PredictBatch,
         fn_constructor_kwargs={
@@ -108,7 +110,7 @@ def predict_dataset(
         },
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
         # an actor that dies fails the evaluation loudly instead of being restarted (Ray would warn that a restart

@@ -36,6 +36,7 @@ from opsvlm.serving.schemas import (
     request_body_doc,
 )
 from opsvlm.serving.work import Deadline
+from opsvlm.video.clip import ClipInput
 from opsvlm.video.sampling import SamplingSpec
 
 __all__ = ["ENDPOINT", "MEDIA", "prediction_body", "router", "run_jobs"]
@@ -43,10 +44,8 @@ __all__ = ["ENDPOINT", "MEDIA", "prediction_body", "router", "run_jobs"]
 MEDIA = "video"
 
 
-def _clip_input(clip: DecodedClip) -> Any:
-    # The video task's input type (frames, frame times, clip length): what this endpoint's media decodes to.
-    from opsvlm.tasks.operations import ClipInput
-
+def _clip_input(clip: DecodedClip) -> ClipInput:
+    """What every video task takes for one clip."""
     return ClipInput(clip.frames, [float(t) for t in clip.frame_times_s], clip.clip_length_s)
 
 
@@ -113,15 +112,10 @@ async def run_jobs(
 
 
 def prediction_body(answer: dict[str, Any], version: str, clip: DecodedClip, latency_ms: float) -> dict[str, Any]:
-    """The response body of one prediction (see :class:`~opsvlm.serving.schemas.PredictionResponse`)."""
+    """The response body of one prediction: the task's answer (its ``to_dict()``) with the clip, the model version
+    and the latency (see :class:`~opsvlm.serving.schemas.PredictionResponse`)."""
     return {
-        "operation": answer["operation"],
-        "start_s": answer["start_s"],
-        "end_s": answer["end_s"],
-        "next_operation": answer["next_operation"],
-        "confidence": answer["confidence"],
-        "scores": answer["scores"],
-        "next_scores": answer["next_scores"],
+        **answer,
         "clip": {"start_s": clip.start_s, "end_s": clip.end_s},
         "model_version": version,
         "latency_ms": round(latency_ms, 3),

@@ -105,10 +105,6 @@ class DetectorSettings:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
-        if self.class_map:  # values must be object types: refused at deploy, not in every replica
-            from opsvlm.tasks.inspection.detect.detector import ClassMapping
-
-            ClassMapping(self.class_map, "detector.class_map")
 
     @property
     def enabled(self) -> bool:

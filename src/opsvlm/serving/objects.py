@@ -24,6 +24,7 @@ its ``Detector`` deployment in here when ``detector.ref`` is configured (``serve
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -36,11 +37,22 @@ from opsvlm.serving.endpoint import Endpoint, ServingContext
 from opsvlm.serving.errors import ServingError
 from opsvlm.serving.media import decode_image
 from opsvlm.serving.predict import Answers, SpecChanged, WorkItem, WrongTask
-from opsvlm.serving.requests import ObjectsRequest, parse_object_detections, parse_objects_request
+from opsvlm.serving.requests import ObjectsRequest, parse_objects_request
 from opsvlm.serving.schemas import DOC_ERRORS, ObjectsResponse, PathObjects, request_body_doc
+from opsvlm.tasks.inspection import ObjectInput, mark_target, render_closeup, resize_image
+from opsvlm.tasks.inspection.data.yolo import DetectionsJsonError, parse_detections
 from opsvlm.video.sampling import SamplingSpec
 
-__all__ = ["ENDPOINT", "MEDIA", "Detect", "Detected", "make_endpoint", "render_object_inputs", "request_detections"]
+__all__ = [
+    "ENDPOINT",
+    "MEDIA",
+    "Detect",
+    "Detected",
+    "make_endpoint",
+    "parse_object_detections",
+    "render_object_inputs",
+    "request_detections",
+]
 
 MEDIA = "image"
 Detect = Callable[[np.ndarray], Awaitable[list[Any]]]
@@ -73,9 +85,6 @@ def render_object_inputs(image: np.ndarray, detections: Sequence[Any], spec: Sam
     Returns:
         One input per detection, in order.
     """
-    # The image task's rendering: what this endpoint's media becomes for the model.
-    from opsvlm.tasks.inspection import ObjectInput, mark_target, render_closeup, resize_image
-
     resized = resize_image(image, spec)
     return tuple(
         ObjectInput(
@@ -87,6 +96,40 @@ def render_object_inputs(image: np.ndarray, detections: Sequence[Any], spec: Sam
         )
         for target in detections
     )
+
+
+def parse_object_detections(raw: Any, width: int, height: int, name: str, max_detections: int) -> list[Any]:
+    """Validate stage-1 detections for one decoded image (:func:`tasks.inspection.data.yolo.parse_detections` rules).
+
+    Args:
+        raw: A JSON list of ``{"label", "box", "normalized", "score"}`` (or its text).
+        width: The image's width in pixels (pixel boxes are normalised by it).
+        height: Its height.
+        name: The image's name, for messages.
+        max_detections: Most detections accepted.
+
+    Returns:
+        :class:`opsvlm.tasks.inspection.data.yolo.StageOneDetection` objects, boxes normalised to [0, 1].
+
+    Raises:
+        ServingError: 422 naming the field for missing, malformed or out-of-image detections; 413 for too many.
+    """
+    if raw is None:
+        raise ServingError(422, "missing_detections", "send 'detections': the stage-1 objects to classify")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except (RecursionError, ValueError) as exc:
+            raise ServingError(422, "invalid_detections", f"detections: not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ServingError(422, "invalid_detections", "detections: must be a non-empty list of objects")
+    if len(raw) > max_detections:
+        raise ServingError(413, "too_many_detections", f"detections: {len(raw)} objects; the limit is {max_detections}")
+    try:
+        (parsed,) = parse_detections({"image": name, "width": width, "height": height, "detections": raw}, "request")
+    except DetectionsJsonError as exc:
+        raise ServingError(422, "invalid_detections", str(exc)) from None
+    return list(parsed.detections)
 
 
 async def request_detections(

@@ -43,7 +43,6 @@ __all__ = [
     "media_type",
     "parse_batch",
     "parse_json",
-    "parse_object_detections",
     "parse_objects_request",
     "parse_predict",
     "parse_window",
@@ -551,39 +550,3 @@ def _check_detection_count(raw: Any, limits: ServingLimits) -> None:
         raise ServingError(
             413, "too_many_detections", f"detections: {len(raw)} objects; the limit is {limits.max_detections}"
         )
-
-
-def parse_object_detections(raw: Any, width: int, height: int, name: str, max_detections: int) -> list[Any]:
-    """Validate stage-1 detections for one decoded image (:func:`tasks.inspection.data.yolo.parse_detections` rules).
-
-    Args:
-        raw: A JSON list of ``{"label", "box", "normalized", "score"}`` (or its text).
-        width: The image's width in pixels (pixel boxes are normalised by it).
-        height: Its height.
-        name: The image's name, for messages.
-        max_detections: Most detections accepted.
-
-    Returns:
-        :class:`opsvlm.tasks.inspection.data.yolo.StageOneDetection` objects, boxes normalised to [0, 1].
-
-    Raises:
-        ServingError: 422 naming the field for missing, malformed or out-of-image detections; 413 for too many.
-    """
-    from opsvlm.tasks.inspection.data.yolo import DetectionsJsonError, parse_detections
-
-    if raw is None:
-        raise ServingError(422, "missing_detections", "send 'detections': the stage-1 objects to classify")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except (RecursionError, ValueError) as exc:
-            raise ServingError(422, "invalid_detections", f"detections: not valid JSON: {exc}") from None
-    if not isinstance(raw, list) or not raw:
-        raise ServingError(422, "invalid_detections", "detections: must be a non-empty list of objects")
-    if len(raw) > max_detections:
-        raise ServingError(413, "too_many_detections", f"detections: {len(raw)} objects; the limit is {max_detections}")
-    try:
-        (parsed,) = parse_detections({"image": name, "width": width, "height": height, "detections": raw}, "request")
-    except DetectionsJsonError as exc:
-        raise ServingError(422, "invalid_detections", str(exc)) from None
-    return list(parsed.detections)

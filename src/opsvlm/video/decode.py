@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from opsvlm.video.frames import frame_time_from_name, list_frames
 from opsvlm.video.sampling import SamplingSpec, frame_motion, motion_indices, to_gray, uniform_indices
 
 __all__ = [
@@ -148,8 +149,6 @@ class _JpegFramesReader(_MediaReader):
     """OpenPack RGB layout: one JPEG per frame, named by capture time."""
 
     def __init__(self, directory: str, origin_offset_s: float):
-        from opsvlm.tasks.operations.data.openpack import frame_time_from_name, list_frames
-
         self.paths = list_frames(directory)
         if not self.paths:
             raise DecodeError("no_frames", f"{directory}: no JPEG frames")

@@ -27,6 +27,7 @@ from opsvlm.tasks.operations.labels import (
 )
 from opsvlm.tasks.operations.metrics import ClipPrediction, ClipTruth, compute_metrics, confusion_matrices
 from opsvlm.tasks.operations.plots import confusion_png, per_class_png
+from opsvlm.video.clip import ClipInput
 
 __all__ = [
     "ANSWER_KEYS",
@@ -55,21 +56,6 @@ ANSWER_KEYS = ("operation", "start_s", "end_s", "next_operation")
 # slot-by-slot tokenization equals the tokenization of the whole answer (a unit test checks it).
 ANSWER_PARTS = ('{"operation": "', '", "start_s": ', ', "end_s": ', ', "next_operation": "', '"}')
 TIME_STEP = 0.1  # the answer's time resolution (targets are written with one decimal)
-
-
-@dataclass
-class ClipInput:
-    """One clip to predict on.
-
-    Attributes:
-        frames: uint8[K, H, W, 3] frames already sampled with the model's SamplingSpec.
-        frame_times_s: float[K] their clip-relative times.
-        clip_length_s: Clip length in seconds.
-    """
-
-    frames: np.ndarray
-    frame_times_s: Sequence[float]
-    clip_length_s: float
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opsvlm.tasks.operations.labels import NULL, operation_by_id
+from opsvlm.video.frames import FRAME_NAME_FORMAT, frame_name, frame_time_from_name, list_frames
 
 __all__ = [
     "CSV_COLUMNS",
@@ -45,7 +46,6 @@ __all__ = [
 
 CSV_COLUMNS = ("uuid", "user", "session", "box", "id", "operation", "start", "end", "actions")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
-FRAME_NAME_FORMAT = "%Y%m%d_%H%M%S_%f"
 # Contiguous rows in real OpenPack annotations share their boundary exactly; allow float rounding only.
 _OVERLAP_TOLERANCE_S = 1e-3
 
@@ -218,20 +218,6 @@ def write_operations_csv(path: str | Path, timeline: SessionTimeline) -> Path:
     return path
 
 
-def frame_time_from_name(path: str | Path) -> dt.datetime:
-    """Capture time encoded in an OpenPack frame name ``YYYYMMDD_HHMMSS_mmm.jpg`` (naive, local time)."""
-    stem = Path(path).stem
-    try:
-        return dt.datetime.strptime(stem, FRAME_NAME_FORMAT)
-    except ValueError:
-        raise ValueError(f"{path}: frame name is not YYYYMMDD_HHMMSS_mmm.jpg") from None
-
-
-def frame_name(when: dt.datetime) -> str:
-    """Relative path of a frame captured at ``when`` inside a session's frames folder (the OpenPack layout)."""
-    return f"{when:%Y/%m/%d/%H/%M}/{when:%Y%m%d_%H%M%S}_{when.microsecond // 1000:03d}.jpg"
-
-
 @dataclass(frozen=True)
 class SessionSource:
     """Where one session's annotation and media live.
@@ -302,11 +288,6 @@ def discover_sessions(root: str | Path) -> list[SessionSource]:
     if not sources:
         raise FileNotFoundError(f"{root}: no <subject>/annotation/openpack-operations/<session>.csv files")
     return sources
-
-
-def list_frames(directory: str | Path) -> list[Path]:
-    """All JPEG frames of a session folder, in capture-time order."""
-    return sorted(Path(directory).rglob("*.jpg"), key=lambda p: p.stem)
 
 
 def label_at(timeline: SessionTimeline, t: float) -> int:
