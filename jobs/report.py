@@ -3,6 +3,7 @@ README's figures from the stored summaries (never typed by hand).
 
     python jobs/report.py run --seeds 0 1 2                     # the main job (jobs/pipeline.py)
     python jobs/report.py run --job inspection --seeds 0        # jobs/inspection_pipeline.py
+    python jobs/report.py timelines --seed 0                    # main job, then jobs/annotate.py on val and test
     python jobs/report.py bench annotate                        # benchmarks/bench_annotate.py, result stored
     python jobs/report.py render                                # README blocks between <!-- figures:NAME --> markers
 
@@ -10,6 +11,8 @@ Each seed runs in a new workdir with a new MLflow store and an empty model cache
 ``reports/<job>/seed<k>.json``: the job's final JSON line, the stored validation and test evaluation summaries
 (split, role, n, groups, intervals, seed, commit), the wall time and the console. ``render`` rewrites only the marked
 blocks of README.md: ``<job>-seeds`` (one row per seed) and ``<job>-systems`` (every system of the first seed).
+``timelines`` runs the main job, then ``jobs/annotate.py`` with its model on the validation subjects' recordings
+(where the decoder is chosen) and on the test subjects' (report), and writes ``reports/annotate/``.
 ``bench NAME [ARGS]`` runs ``benchmarks/bench_NAME.py ARGS`` and stores its final JSON line with the commit, the
 command, the 1-minute load average before and after and the wall time in ``reports/bench/NAME.json`` (README block
 ``bench-NAME``).
@@ -65,13 +68,63 @@ def run(job: str, seeds: list[int], extra: list[str]) -> None:
             print(f"{job} seed {seed}: {wall:.0f} s, {json.dumps({k: v for k, v in summary.items() if 'test' in k})}")
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def _last_json(command: list[str], cwd: Path, env: dict[str, str], what: str) -> dict:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timelines(seed: int) -> None:
+    """Main job on ``seed`` (new workdir, empty cache), then whole-recording annotation with its champion: the
+    validation subjects choose the decoder, the test subjects are reported with it."""
+    out = REPORTS / "annotate"
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"report-timelines-seed{seed}-") as tmp:
+        tmp = Path(tmp)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        env = {**os.environ, "OPSVLM_CACHE_DIR": str(tmp / "cache"), "MLFLOW_TRACKING_URI": uri}
+        work = tmp / "work"
+        job = _last_json([sys.executable, str(REPO / "jobs" / "pipeline.py"), "--workdir", str(work), f"seed={seed}",
+                          f"tracking_uri={uri}"], tmp, env, "the main job")  # fmt: skip
+        model = f"models:/{job['model_name']}/{job['model_version']}"
+        manifest = json.loads((work / "prepared" / "manifest.json").read_text())
+        results, decoder = {}, "viterbi"
+        for split in ("val", "test"):
+            root = tmp / f"recordings-{split}"  # an OpenPack-layout root of this split's subjects only
+            root.mkdir()
+            for subject in manifest["splits"][split]["subjects"]:
+                (root / subject).symlink_to(work / "synthetic" / subject)
+            summary = _last_json([sys.executable, str(REPO / "jobs" / "annotate.py"), "--model", model,
+                                  "--source", str(root), "--out", str(tmp / f"annotated-{split}"),
+                                  f"grammar={work / 'prepared'}", f"decoder={decoder}", f"tracking.tracking_uri={uri}"],
+                                 tmp, env, f"annotating the {split} recordings")  # fmt: skip
+            scores = json.loads((tmp / f"annotated-{split}" / "scores.json").read_text())
+            results[split] = {"summary": summary, "scores": scores}
+            if split == "val":  # choose the decoder on validation: the one with the higher frame macro-F1
+                decoder = max(("viterbi", "argmax"), key=lambda d: summary[f"{'grammar' if d == 'viterbi' else d}"
+                                                                           "_frame_macro_f1"])  # fmt: skip
+        for split, result in results.items():
+            (out / f"{split}_summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
+            (out / f"{split}_scores.json").write_text(json.dumps(result["scores"], indent=2) + "\n")
+        meta = {"seed": seed, "commit": _commit(), "decoder": decoder, "decoder_chosen_on": "val",
+                "model": model, "subjects": {s: manifest["splits"][s]["subjects"] for s in results}}  # fmt: skip
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(json.dumps({"decoder": decoder, **{k: v for k, v in results["test"]["summary"].items() if "f1" in k}}))
+
+
 def bench(name: str, extra: list[str]) -> None:
     """Run one benchmark script and store its final JSON line with where and how it ran."""
     script = REPO / "benchmarks" / f"bench_{name}.py"
     if not script.is_file():
         raise SystemExit(f"no benchmark {script}")
     git = ["git", "-C", str(REPO)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = _commit()
     dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "src", "benchmarks", "serve_app", "jobs"],
                                 capture_output=True, text=True).stdout.strip())  # fmt: skip
     command = [sys.executable, str(script), *extra]
@@ -187,16 +240,22 @@ def rerun_table(job: str = "pipeline") -> dict[str, str]:
 
 
 def annotation_table() -> dict[str, str]:
-    """The README block of a stored ``jobs/annotate.py`` run (``reports/annotate/test_{scores,summary}.json``)."""
+    """The README block of the stored annotation runs (``reports/annotate/``: meta, val and test summaries, scores)."""
     folder = REPORTS / "annotate"
-    if not (folder / "test_scores.json").is_file():
+    if not (folder / "meta.json").is_file():
         return {}
+    meta = json.loads((folder / "meta.json").read_text())
     scores = json.loads((folder / "test_scores.json").read_text())
     summary = json.loads((folder / "test_summary.json").read_text())
+    val = json.loads((folder / "val_summary.json").read_text())
     metrics = ("frame_macro_f1", "edit_score", "f1_at_10", "f1_at_25", "f1_at_50", "next_accuracy_at_boundaries")
     lines = [
-        f"{summary['sessions_scored']} test session(s), {summary['seconds_annotated']:.0f} s annotated, decoder "
-        f"`{summary['decoder']}` (chosen on the validation subject), grammar: {summary['grammar'].split(' of ')[0]}.",
+        f"Main job seed {meta['seed']}, commit {meta['commit']}, its registered model. Test subjects "
+        f"{', '.join(meta['subjects']['test'])}: {summary['sessions_scored']} sessions, "
+        f"{summary['seconds_annotated']:.0f} s annotated; 95% intervals by session. Decoder `{meta['decoder']}`, "
+        f"chosen on the validation subjects ({', '.join(meta['subjects']['val'])}: frame macro-F1 "
+        f"{val['grammar_frame_macro_f1']:.3f} with the grammar, {val['argmax_frame_macro_f1']:.3f} per-second "
+        f"argmax); grammar: {summary['grammar'].split(' of ')[0]}.",
         "",
         "| system | " + " | ".join(metrics) + " |",
         "|---|" + "---|" * len(metrics),
@@ -261,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_argument("--job", choices=sorted(JOBS), default="pipeline")
     runs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     runs.add_argument("overrides", nargs="*", help="extra jobs/pipeline.py overrides")
+    lines = sub.add_parser("timelines", help="main job, then whole-recording annotation on val and test")
+    lines.add_argument("--seed", type=int, default=0)
     benches = sub.add_parser("bench", help="run a benchmark script and store its JSON line")
     benches.add_argument("name", help="NAME of benchmarks/bench_NAME.py")
     benches.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
@@ -268,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.job, args.seeds, args.overrides)
+    elif args.command == "timelines":
+        timelines(args.seed)
     elif args.command == "bench":
         bench(args.name, args.args)
     render()
