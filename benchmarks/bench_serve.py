@@ -10,7 +10,7 @@ Run (from the repository root, with the project's virtual environment)::
 Setup (once per run). The tiny Qwen2.5-VL (built once, cached under ``--workdir``) gets a real, untrained LoRA
 adapter saved as an opsvlm checkpoint (4 frames of at most 112x112 pixels per clip by default), which is logged
 and registered as ``models:/opsvlm-bench@champion`` in a temporary SQLite MLflow store (the helpers of
-``tests/unit/test_serving.py``). ``--videos`` short test videos (5 s, 112x112, 15 fps, H.264, written with
+``opsvlm.testing.checkpoints``). ``--videos`` short test videos (5 s, 112x112, 15 fps, H.264, written with
 ``opsvlm.video.encode.write_video``) are the payloads; they are small (tens of KB), like a short clip upload.
 
 What runs, one after the other on the same box (never two servers under load at once):
@@ -85,7 +85,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # tests.* helpers and serve_app
+if str(REPO) not in sys.path:  # serve_app
     sys.path.insert(0, str(REPO))
 TINY_CONFIG = REPO / "serve_app" / "config_tiny_cpu.yaml"
 TARGET = 2.0
@@ -756,7 +756,7 @@ def main() -> None:
     if opts.quick:
         opts.requests, opts.warmup = 24, 4
     opts.decoder_modes = [mode == "true" for mode in opts.decoder_modes]
-    # Ray workers (and the baseline subprocess) import serve_app and tests.* from the repository root.
+    # Ray workers (and the baseline subprocess) import serve_app from the repository root.
     first = [str(opts.serve_app_dir.resolve())] if opts.serve_app_dir else []
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [*first, str(REPO), os.environ.get("PYTHONPATH")]))
     if opts.serve_app_dir:

@@ -100,15 +100,16 @@ def timelines(seed: int) -> None:
             root.mkdir()
             for subject in manifest["splits"][split]["subjects"]:
                 (root / subject).symlink_to(work / "synthetic" / subject)
-            summary = _last_json([sys.executable, str(REPO / "jobs" / "annotate.py"), "--model", model,
-                                  "--source", str(root), "--out", str(tmp / f"annotated-{split}"),
-                                  f"grammar={work / 'prepared'}", f"decoder={decoder}", f"tracking.tracking_uri={uri}"],
-                                 tmp, env, f"annotating the {split} recordings")  # fmt: skip
-            scores = json.loads((tmp / f"annotated-{split}" / "scores.json").read_text())
+            annotated = tmp / f"annotated-{split}"
+            _last_json([sys.executable, str(REPO / "jobs" / "annotate.py"), "--model", model, "--source", str(root),
+                        "--out", str(annotated), f"grammar={work / 'prepared'}", f"decoder={decoder}",
+                        f"tracking.tracking_uri={uri}"], tmp, env, f"annotating the {split} recordings")  # fmt: skip
+            summary = json.loads((annotated / "summary.json").read_text())
+            scores = json.loads((annotated / "scores.json").read_text())
             results[split] = {"summary": summary, "scores": scores}
             if split == "val":  # choose the decoder on validation: the one with the higher frame macro-F1
-                decoder = max(("viterbi", "argmax"), key=lambda d: summary[f"{'grammar' if d == 'viterbi' else d}"
-                                                                           "_frame_macro_f1"])  # fmt: skip
+                by_decoder = {"viterbi": "grammar_frame_macro_f1", "argmax": "argmax_frame_macro_f1"}
+                decoder = max(by_decoder, key=lambda d: summary[by_decoder[d]])
         for split, result in results.items():
             (out / f"{split}_summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
             (out / f"{split}_scores.json").write_text(json.dumps(result["scores"], indent=2) + "\n")
