@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,22 @@ FRAME_SIZE = 56
 FRAMES_PER_CLIP = 4
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts); yields its URL."""
+def running(server: MlflowServer) -> Iterator[str]:
+    """Start ``server`` (a failed start fails the test, with the server's log), yield its URL, stop it after."""
     try:
-        server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), start_timeout_s=SERVER_START_TIMEOUT_S).start()
+        server.start()
     except RuntimeError as exc:
         pytest.fail(str(exc))
     try:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts); yields its URL."""
+    yield from running(MlflowServer(tmp_path_factory.mktemp("mlflow_server"), start_timeout_s=SERVER_START_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ import yaml
 
 from opsvlm.tasks.operations import LABEL_NAMES
 from opsvlm.testing.processes import MlflowServer, free_port
-from tests.integration.conftest import SERVER_START_TIMEOUT_S
+from tests.integration.conftest import SERVER_START_TIMEOUT_S, running
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, serve, mlflow and the python the job must use
@@ -252,15 +252,7 @@ def _wait_for_job_server(head: Head, deadline: float) -> None:
 def mlflow_url(tmp_path: Path) -> Iterator[str]:
     """An ``mlflow server`` of this test only (empty registry); stopped by process group after."""
     # the box is shared with a Ray job or two: allow twice the usual start
-    server = MlflowServer(tmp_path / "mlflow", env=_clean_env(), start_timeout_s=SERVER_START_TIMEOUT_S * 2)
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    yield from running(MlflowServer(tmp_path / "mlflow", env=_clean_env(), start_timeout_s=SERVER_START_TIMEOUT_S * 2))
 
 
 # --- the job ---------------------------------------------------------------------------------------------------------
