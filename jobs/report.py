@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports"
-README = REPO / "README.md"
+READMES = (REPO / "README.md", REPO / "benchmarks" / "README.md")
 JOBS = {"pipeline": "pipeline.py", "inspection": "inspection_pipeline.py"}
 
 
@@ -139,28 +139,37 @@ def bench(name: str, extra: list[str]) -> None:
               time.gmtime()), "command": ["python", f"benchmarks/bench_{name}.py", *extra], "wall_s": round(wall, 1),
               "load_1m_before": round(load_before, 2), "load_1m_after": round(load_after, 2), "cpus": os.cpu_count(),
               "result": result}  # fmt: skip
-    (REPORTS / "bench").mkdir(parents=True, exist_ok=True)
-    (REPORTS / "bench" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (REPORTS / "bench").mkdir(parents=True, exist_ok=True)  # named by the JSON's benchmark (serve, serve_overload)
+    (REPORTS / "bench" / f"{result['benchmark']}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(result))
 
 
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the scalars of a JSON value (lists of scalars kept as they are)."""
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for key, inner in value.items():
+            out |= _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return {}
+    return {prefix: value}
+
+
 def bench_blocks() -> dict[str, str]:
-    """One README block per stored benchmark run: where it ran, then every scalar of its JSON line."""
+    """One block per stored benchmark run (``bench-<benchmark>``): where it ran, then every figure of its JSON line."""
     blocks = {}
     for path in sorted((REPORTS / "bench").glob("*.json")):
         record = json.loads(path.read_text())
-        result = record["result"]
         dirty = " (uncommitted changes)" if record["tree_dirty"] else ""
         head = (
             f"`{' '.join(record['command'])}` at commit {record['commit']}{dirty}, {record['date']}, "
             f"{record['cpus']} CPUs, 1-minute load {record['load_1m_before']} before and {record['load_1m_after']} "
-            f"after; stored in `reports/bench/{path.name}`."
+            f"after, {record['wall_s']:.0f} s; stored in `reports/bench/{path.name}`."
         )
-        rows = ["| field | value |", "|---|---|"]
-        rows += [
-            f"| {k} | {v} |" for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k != "benchmark"
-        ]
-        blocks[f"bench-{record['benchmark']}"] = "\n".join([head, "", *rows])
+        figures = {k: v for k, v in _flatten(record["result"]).items() if k != "benchmark"}
+        rows = ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in figures.items())]
+        blocks[f"bench-{record['result']['benchmark']}"] = "\n".join([head, "", *rows])
     return blocks
 
 
@@ -293,8 +302,8 @@ def stage1_table() -> dict[str, str]:
 
 
 def render() -> None:
-    """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block of the README that has data."""
-    text = README.read_text()
+    """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block that has data, in README.md and
+    benchmarks/README.md (each block stands in one of them)."""
     blocks = (
         {name: block for job in JOBS for name, block in tables(job).items()}
         | console_block()
@@ -303,15 +312,18 @@ def render() -> None:
         | stage1_table()
         | bench_blocks()
     )
+    texts = {path: path.read_text() for path in READMES}
     for name, block in blocks.items():
         start, end = f"<!-- figures:{name} -->", f"<!-- /figures:{name} -->"
-        if start not in text or end not in text:
-            raise SystemExit(f"README.md has no {start} ... {end} block")
-        before, rest = text.split(start, 1)
+        path = next((p for p, text in texts.items() if start in text and end in text), None)
+        if path is None:
+            raise SystemExit(f"no {start} ... {end} block in {', '.join(str(p) for p in READMES)}")
+        before, rest = texts[path].split(start, 1)
         _, after = rest.split(end, 1)
-        text = f"{before}{start}\n{block}\n{end}{after}"
-    README.write_text(text)
-    print(f"README.md: {len(blocks)} figure blocks regenerated from the stored summaries in {REPORTS}")
+        texts[path] = f"{before}{start}\n{block}\n{end}{after}"
+    for path, text in texts.items():
+        path.write_text(text)
+    print(f"{len(blocks)} figure blocks regenerated from the stored summaries in {REPORTS}")
 
 
 def main(argv: list[str] | None = None) -> int:
