@@ -126,8 +126,9 @@ def bench(name: str, extra: list[str]) -> None:
         raise SystemExit(f"no benchmark {script}")
     git = ["git", "-C", str(REPO)]
     commit = _commit()
-    dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "src", "benchmarks", "serve_app", "jobs"],
-                                capture_output=True, text=True).stdout.strip())  # fmt: skip
+    code = ["src", "benchmarks/*.py", "serve_app", "jobs", "pyproject.toml"]  # what the run executes, not the docs
+    status = subprocess.run([*git, "status", "--porcelain", "--", *code], capture_output=True, text=True)
+    dirty = bool(status.stdout.strip())
     command = [sys.executable, str(script), *extra]
     load_before, started = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
