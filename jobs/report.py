@@ -302,6 +302,49 @@ def stage1_table() -> dict[str, str]:
     return {"stage1": "\n".join(lines)}
 
 
+def plan_table() -> dict[str, str]:
+    """The memory planner's verdict for the GPU presets (computed from ``jobs/configs``, nothing measured): 8 frames at
+    224x224 per clip, the planner choosing the micro-batch for the preset's global batch."""
+    from opsvlm.config import load_config
+    from opsvlm.model.plan import PlanInputs, plan_memory
+    from opsvlm.train.config import TrainConfig
+
+    lines = [
+        "| preset | model | GPUs | weights | activations | total | recommendation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for preset in ("t4_qlora_3b", "a100_lora_7b"):
+        config = load_config(TrainConfig, REPO / "jobs" / "configs" / f"{preset}.yaml", [])
+        model, optim, scaling = config.model, config.optim, config.scaling
+        plan = plan_memory(
+            PlanInputs(
+                model=model.name,
+                gpu=scaling.gpu_type,
+                quantization=model.quantization,
+                lora_rank=model.lora.rank,
+                lora_targets=model.lora.targets,
+                frames_per_clip=8,
+                frame_height=224,
+                frame_width=224,
+                micro_batch=None,
+                global_batch=optim.micro_batch * optim.grad_accum * scaling.num_workers,
+                num_gpus=scaling.num_workers,
+                gradient_checkpointing=model.gradient_checkpointing,
+                optimizer=optim.optimizer,
+                zero_stage=scaling.zero_stage,
+            )
+        ).to_dict()
+        gib, advice = plan["gib"], plan["recommendation"]
+        kind = model.quantization if model.quantization != "none" else "16-bit"
+        zero = f", ZeRO-{scaling.zero_stage}" if scaling.zero_stage else ""
+        lines.append(
+            f"| `{preset}` | {model.name.split('/')[-1]}, {kind}{zero} | {scaling.num_workers}x {scaling.gpu_type} | "
+            f"{gib['weights']:.2f} GiB | {gib['activations']:.2f} GiB | {gib['total']:.2f} GiB | micro-batch "
+            f"{advice['micro_batch']}, grad accum {advice['grad_accum']} |"
+        )
+    return {"plan": "\n".join(lines)}
+
+
 def render() -> None:
     """Replace every ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` block that has data, in README.md and
     benchmarks/README.md (each block stands in one of them)."""
@@ -311,6 +354,7 @@ def render() -> None:
         | rerun_table()
         | annotation_table()
         | stage1_table()
+        | plan_table()
         | bench_blocks()
     )
     texts = {path: path.read_text() for path in READMES}
