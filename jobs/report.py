@@ -145,16 +145,19 @@ def bench(name: str, extra: list[str]) -> None:
     print(json.dumps(result))
 
 
-def _flatten(value: object, prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the scalars of a JSON value (lists of scalars kept as they are)."""
-    if isinstance(value, dict):
-        out: dict[str, object] = {}
-        for key, inner in value.items():
-            out |= _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
-        return out
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        return {}
-    return {prefix: value}
+def _rows(value: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Table rows of a benchmark's JSON: each top-level scalar on its own row; below that one row per nested object,
+    its scalars as ``name value`` pairs (so a level of a load test is one row)."""
+    rows, scalars = [], []
+    for key, inner in value.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(inner, dict):
+            rows += _rows(inner, path)
+        elif prefix:
+            scalars.append(f"{key} {inner}")
+        else:
+            rows.append((path, str(inner)))
+    return ([(prefix, "; ".join(scalars))] if scalars else []) + rows
 
 
 def bench_blocks() -> dict[str, str]:
@@ -168,8 +171,8 @@ def bench_blocks() -> dict[str, str]:
             f"{record['cpus']} CPUs, 1-minute load {record['load_1m_before']} before and {record['load_1m_after']} "
             f"after, {record['wall_s']:.0f} s; stored in `reports/bench/{path.name}`."
         )
-        figures = {k: v for k, v in _flatten(record["result"]).items() if k != "benchmark"}
-        rows = ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in figures.items())]
+        figures = {k: v for k, v in record["result"].items() if k != "benchmark"}
+        rows = ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in _rows(figures))]
         blocks[f"bench-{record['result']['benchmark']}"] = "\n".join([head, "", *rows])
     return blocks
 
