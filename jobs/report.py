@@ -81,8 +81,8 @@ def _last_json(command: list[str], cwd: Path, env: dict[str, str], what: str) ->
 
 
 def timelines(seed: int) -> None:
-    """Main job on ``seed`` (new workdir, empty cache), then whole-recording annotation with its champion: the
-    validation subjects choose the decoder, the test subjects are reported with it."""
+    """Main job on ``seed`` (new workdir, empty cache), then whole-recording annotation with the model version it
+    registered: the validation subjects' recordings choose the decoder, the test subjects' are reported with it."""
     out = REPORTS / "annotate"
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"report-timelines-seed{seed}-") as tmp:
