@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,8 +114,13 @@ def timelines(seed: int) -> None:
         for split, result in results.items():
             (out / f"{split}_summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
             (out / f"{split}_scores.json").write_text(json.dumps(result["scores"], indent=2) + "\n")
-        meta = {"seed": seed, "commit": _commit(), "decoder": decoder, "decoder_chosen_on": "val",
-                "model": model, "subjects": {s: manifest["splits"][s]["subjects"] for s in results}}  # fmt: skip
+        # the README's picture: the first test recording's Gantt chart (truth above prediction) from this run
+        gantt = sorted((tmp / "annotated-test").glob("*.png"))[0]
+        picture = REPO / "docs" / "images" / f"timeline_{gantt.name}"
+        shutil.copyfile(gantt, picture)
+        meta = {"seed": seed, "commit": _commit(), "decoder": decoder, "decoder_chosen_on": "val", "model": model,
+                "subjects": {s: manifest["splits"][s]["subjects"] for s in results},
+                "gantt": str(picture.relative_to(REPO))}  # fmt: skip
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(json.dumps({"decoder": decoder, **{k: v for k, v in results["test"]["summary"].items() if "f1" in k}}))
 
@@ -279,6 +285,8 @@ def annotation_table() -> dict[str, str]:
             lines.append(
                 f"| {name} | " + " | ".join(_cell(values.get(m), values.get(f"{m}_ci95")) for m in metrics) + " |"
             )
+    if meta.get("gantt"):
+        lines += ["", f"![{meta['gantt'].split('_', 1)[1][:-4]}: truth above the prediction]({meta['gantt']})"]
     return {"annotate": "\n".join(lines)}
 
 
