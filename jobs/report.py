@@ -5,6 +5,7 @@ README's figures from the stored summaries (never typed by hand).
     python jobs/report.py run --job inspection --seeds 0        # jobs/inspection_pipeline.py
     python jobs/report.py timelines --seed 0                    # main job, then jobs/annotate.py on val and test
     python jobs/report.py bench annotate                        # benchmarks/bench_annotate.py, result stored
+    python jobs/report.py fresh /tmp/fresh-run.XXXX ...         # store what ../shared/scripts/fresh-run left
     python jobs/report.py render                                # README blocks between <!-- figures:NAME --> markers
 
 Each seed runs in a new workdir with a new MLflow store and an empty model cache. ``run`` writes
@@ -15,7 +16,8 @@ blocks of README.md: ``<job>-seeds`` (one row per seed) and ``<job>-systems`` (e
 (where the decoder is chosen) and on the test subjects' (report), and writes ``reports/annotate/``.
 ``bench NAME [ARGS]`` runs ``benchmarks/bench_NAME.py ARGS`` and stores its final JSON line with the commit, the
 command, the 1-minute load average before and after and the wall time in ``reports/bench/NAME.json`` (README block
-``bench-NAME``).
+``bench-NAME``). ``fresh DIR...`` stores the outcome of ``../shared/scripts/fresh-run`` folders (the cloned commit,
+the console's line count and last JSON line) in ``reports/fresh_run/<commit>.json``.
 """
 
 from __future__ import annotations
@@ -149,6 +151,22 @@ def bench(name: str, extra: list[str]) -> None:
     (REPORTS / "bench").mkdir(parents=True, exist_ok=True)  # named by the JSON's benchmark (serve, serve_overload)
     (REPORTS / "bench" / f"{result['benchmark']}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def fresh(folders: list[str]) -> None:
+    """Store what ``../shared/scripts/fresh-run`` left in each folder: the commit it cloned, its console and JSON."""
+    out = REPORTS / "fresh_run"
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in map(Path, folders):
+        done = subprocess.run(["git", "-C", str(folder / "project"), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        commit = done.stdout.strip()
+        console = (folder / "main.log").read_text().splitlines()
+        last = next((line for line in reversed(console) if line.startswith("{")), None)
+        record = {"commit": commit, "console_lines": len(console), "exit_ok": last is not None,
+                  "job": json.loads(last) if last else None, "console": console}  # fmt: skip
+        (out / f"{commit}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{folder}: commit {commit}, {len(console)} console lines")
 
 
 def _rows(value: dict, prefix: str = "") -> list[tuple[str, str]]:
@@ -394,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     benches = sub.add_parser("bench", help="run a benchmark script and store its JSON line")
     benches.add_argument("name", help="NAME of benchmarks/bench_NAME.py")
     benches.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    fresh_runs = sub.add_parser("fresh", help="store the outcome of ../shared/scripts/fresh-run folders")
+    fresh_runs.add_argument("folders", nargs="+")
     sub.add_parser("render", help="regenerate the README figures from the stored summaries")
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -402,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         timelines(args.seed)
     elif args.command == "bench":
         bench(args.name, args.args)
+    elif args.command == "fresh":
+        fresh(args.folders)
     render()
     return 0
 
