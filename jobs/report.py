@@ -207,6 +207,14 @@ def _cell(value: float | None, ci: list[float | None] | None) -> str:
     return f"{value:.3f}" if not ci or None in ci else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _systems_table(metrics: tuple[str, ...], systems: dict[str, tuple[dict, dict]]) -> list[str]:
+    """Markdown rows: one per system, ``value [low, high]`` per metric (``{name: (values, intervals)}``)."""
+    lines = ["| system | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, (values, cis) in systems.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(values.get(m), cis.get(m)) for m in metrics) + " |")
+    return lines
+
+
 def tables(job: str) -> dict[str, str]:
     """The README blocks of one job, from its stored summaries."""
     from opsvlm.tasks.base import get_task
@@ -236,10 +244,8 @@ def tables(job: str) -> dict[str, str]:
         f"{first['groups']} resampling groups; 95% intervals by group bootstrap ({first['n_boot']} resamples)."
     )
     metrics = task.table_metrics
-    systems = [head, "", "| system | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for name, values in first["table"].items():
-        cis = first["intervals"].get(name, {})
-        systems.append(f"| {name} | " + " | ".join(_cell(values[m], cis.get(m)) for m in metrics) + " |")
+    rows = {name: (values, first["intervals"].get(name, {})) for name, values in first["table"].items()}
+    systems = [head, "", *_systems_table(metrics, rows)]
     return {f"{job}-seeds": "\n".join(seeds), f"{job}-systems": "\n".join(systems)}
 
 
@@ -295,14 +301,9 @@ def annotation_table() -> dict[str, str]:
         f"{val['grammar_frame_macro_f1']:.3f} with the grammar, {val['argmax_frame_macro_f1']:.3f} per-second "
         f"argmax); grammar: {summary['grammar'].split(' of ')[0]}.",
         "",
-        "| system | " + " | ".join(metrics) + " |",
-        "|---|" + "---|" * len(metrics),
     ]
-    for name, values in scores.items():
-        if isinstance(values, dict):
-            lines.append(
-                f"| {name} | " + " | ".join(_cell(values.get(m), values.get(f"{m}_ci95")) for m in metrics) + " |"
-            )
+    systems = {name: (v, {m: v.get(f"{m}_ci95") for m in metrics}) for name, v in scores.items() if isinstance(v, dict)}
+    lines += _systems_table(metrics, systems)
     if meta.get("gantt"):
         lines += ["", f"![{meta['gantt'].split('_', 1)[1][:-4]}: truth above the prediction]({meta['gantt']})"]
     return {"annotate": "\n".join(lines)}
@@ -322,12 +323,8 @@ def stage1_table() -> dict[str, str]:
         f"Seconds per image: detector {seconds['detect']:.3f}, VLM on the detected objects {seconds['classify']:.3f}"
         f" ({seconds['classify_per_object']:.3f} per object).",
         "",
-        "| system | " + " | ".join(metrics) + " |",
-        "|---|" + "---|" * len(metrics),
+        *_systems_table(metrics, {name: (values, intervals.get(name, {})) for name, values in table.items()}),
     ]
-    for name, values in table.items():
-        cis = intervals.get(name, {})
-        lines.append(f"| {name} | " + " | ".join(_cell(values.get(m), cis.get(m)) for m in metrics) + " |")
     return {"stage1": "\n".join(lines)}
 
 
