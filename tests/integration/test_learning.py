@@ -1,6 +1,6 @@
 """Proof that learning works: the README's main job on its embedded defaults beats the majority baseline on held-out
 subjects, with the lower end of its 95% test interval above the majority's figure. Marked slow (about 10 minutes of
-training on 2 cores per seed); run with ``pytest -m slow``. ``jobs/learning_report.py`` runs the same check on three
+training on 2 cores per seed); run with ``pytest -m slow``. ``jobs/report.py run`` runs the same job on three
 seeds and stores the summaries the README's figures come from."""
 
 import json
