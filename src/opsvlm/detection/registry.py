@@ -38,7 +38,9 @@ __all__ = [
     "promote_detector",
     "read_meta",
     "register_detector",
+    "registered_version",
     "resolve_detector",
+    "run_id_of",
 ]
 
 DEFAULT_DETECTOR_NAME = "opsvlm-detector"
@@ -62,6 +64,37 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_id_of(ref: str) -> str | None:
+    """The run id of a ``runs:/<run_id>[/<path>]`` reference; ``None`` for any other reference."""
+    runs = _RUNS_REF.fullmatch(ref)
+    return runs["run_id"] if runs else None
+
+
+def registered_version(ref: str, uri: str) -> tuple[Any, str | None] | None:
+    """The registry's model version a ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` reference names.
+
+    Returns:
+        ``(MLflow ModelVersion, alias or None)``; ``None`` when ``ref`` is not a ``models:/`` reference.
+
+    Raises:
+        DetectorRefError: naming ``ref``, when the registry at ``uri`` does not know it.
+    """
+    models = _MODELS_REF.fullmatch(ref)
+    if models is None:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        if models["alias"]:
+            version = client.get_model_version_by_alias(models["name"], models["alias"])
+        else:
+            version = client.get_model_version(models["name"], models["version"])
+    except MlflowException as exc:
+        raise DetectorRefError(f"{ref!r}: not found in the model registry at {uri} ({exc.message})") from None
+    return version, models["alias"]
 
 
 def register_detector(
@@ -270,23 +303,14 @@ def resolve_detector(
         run_id, artifact = runs["run_id"], runs["path"] or ARTIFACT
         download_uri, key = f"runs:/{run_id}/{artifact}", f"run-{run_id}-{artifact.replace('/', '_')}"
     else:
-        models = _MODELS_REF.fullmatch(ref)
-        if models is None:
+        registered = registered_version(ref, uri)
+        if registered is None:
             raise DetectorRefError(
                 f"{ref!r} is not a .pt/.onnx file, a folder, runs:/<run_id>[/<path>], models:/<name>@<alias> or "
                 "models:/<name>/<version>"
             )
-        from mlflow.exceptions import MlflowException
-
-        client = _client(uri)
-        try:
-            if models["alias"]:
-                version = client.get_model_version_by_alias(models["name"], models["alias"])
-            else:
-                version = client.get_model_version(models["name"], models["version"])
-        except MlflowException as exc:
-            raise DetectorRefError(f"{ref!r}: not found in the model registry at {uri} ({exc.message})") from None
-        download_uri = client.get_model_version_download_uri(version.name, version.version)
+        version, _ = registered
+        download_uri = _client(uri).get_model_version_download_uri(version.name, version.version)
         key = f"{version.name}-v{version.version}"
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="opsvlm-detector-"))
     local = cache / key

@@ -24,14 +24,13 @@ original in ``.cause``) when it is picklable, as these are.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from opsvlm.detection.registry import read_meta, resolve_detector
+from opsvlm.detection.registry import read_meta, registered_version, resolve_detector, run_id_of
 from opsvlm.tasks.inspection.data.yolo import StageOneDetection
 from opsvlm.tasks.inspection.detect.detector import (
     ClassMapping,
@@ -41,6 +40,7 @@ from opsvlm.tasks.inspection.detect.detector import (
     check_image,
 )
 from opsvlm.tasks.inspection.detect.load import load_detector
+from opsvlm.tracking import resolve_tracking_uri
 
 __all__ = ["DetectorServer", "DetectorUnavailable", "check_class_map", "detector_deployment", "pin_reference"]
 
@@ -53,10 +53,6 @@ def check_class_map(mapping: Mapping[str, str], field: str) -> None:
     """
     if mapping:
         ClassMapping(dict(mapping), field)
-
-
-_MODELS_REF = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
-_RUNS_REF = re.compile(r"runs:/(?P<run_id>[^/]+)(?:/.*)?")
 
 
 class DetectorUnavailable(RuntimeError):
@@ -75,31 +71,15 @@ def pin_reference(ref: str, tracking_uri: str = "") -> tuple[str, dict[str, Any]
     Raises:
         DetectorRefError: naming ``ref``, when the registry does not know it.
     """
-    from opsvlm.detection.registry import DetectorRefError
-    from opsvlm.tracking import resolve_tracking_uri
-
     info: dict[str, Any] = {"name": None, "version": None, "alias": None, "run_id": None}
-    runs = _RUNS_REF.fullmatch(ref)
-    if runs is not None:
-        return ref, {**info, "run_id": runs["run_id"]}
-    models = _MODELS_REF.fullmatch(ref)
-    if models is None:
+    if (run_id := run_id_of(ref)) is not None:
+        return ref, {**info, "run_id": run_id}
+    registered = registered_version(ref, resolve_tracking_uri(tracking_uri))
+    if registered is None:
         return ref, info
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    try:
-        if models["alias"]:
-            version = client.get_model_version_by_alias(models["name"], models["alias"])
-        else:
-            version = client.get_model_version(models["name"], models["version"])
-    except MlflowException as exc:
-        raise DetectorRefError(f"{ref!r}: not found in the model registry at {uri} ({exc.message})") from None
+    version, alias = registered
     pinned = f"models:/{version.name}/{version.version}"
-    return pinned, {"name": version.name, "version": str(version.version), "alias": models["alias"],
-                    "run_id": version.run_id}  # fmt: skip
+    return pinned, {"name": version.name, "version": str(version.version), "alias": alias, "run_id": version.run_id}
 
 
 class DetectorServer:
