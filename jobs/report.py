@@ -332,7 +332,7 @@ def plan_table() -> dict[str, str]:
     """The memory planner's verdict for the GPU presets (computed from ``jobs/configs``, nothing measured): 8 frames at
     224x224 per clip, the planner choosing the micro-batch for the preset's global batch."""
     from opsvlm.config import load_config
-    from opsvlm.model.plan import PlanInputs, plan_memory
+    from opsvlm.model.plan import plan_memory
     from opsvlm.train.config import TrainConfig
 
     lines = [
@@ -341,25 +341,8 @@ def plan_table() -> dict[str, str]:
     ]
     for preset in ("t4_qlora_3b", "a100_lora_7b"):
         config = load_config(TrainConfig, REPO / "jobs" / "configs" / f"{preset}.yaml", [])
-        model, optim, scaling = config.model, config.optim, config.scaling
-        plan = plan_memory(
-            PlanInputs(
-                model=model.name,
-                gpu=scaling.gpu_type,
-                quantization=model.quantization,
-                lora_rank=model.lora.rank,
-                lora_targets=model.lora.targets,
-                frames_per_clip=8,
-                frame_height=224,
-                frame_width=224,
-                micro_batch=None,
-                global_batch=optim.micro_batch * optim.grad_accum * scaling.num_workers,
-                num_gpus=scaling.num_workers,
-                gradient_checkpointing=model.gradient_checkpointing,
-                optimizer=optim.optimizer,
-                zero_stage=scaling.zero_stage,
-            )
-        ).to_dict()
+        model, scaling = config.model, config.scaling
+        plan = plan_memory(config.plan_inputs(model.name, 8, 224, 224, micro_batch=None)).to_dict()
         gib, advice = plan["gib"], plan["recommendation"]
         kind = model.quantization if model.quantization != "none" else "16-bit"
         zero = f", ZeRO-{scaling.zero_stage}" if scaling.zero_stage else ""

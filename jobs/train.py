@@ -41,29 +41,13 @@ def memory_plan(config: TrainConfig) -> dict | None:
     """The planner's verdict for this config on ``scaling.gpu_type`` (``None`` for CPU runs)."""
     if not config.scaling.gpu_type:
         return None
-    from opsvlm.model.plan import PlanInputs, format_plan, plan_memory
+    from opsvlm.model.plan import format_plan, plan_memory
     from opsvlm.testing.tiny import resolve_model_source
 
     spec = read_manifest(config.data.prepared)["sampling_spec"]
-    height, width = spec["max_pixels"] ** 0.5, spec["max_pixels"] ** 0.5
-    plan = plan_memory(
-        PlanInputs(
-            model=resolve_model_source(config.model.name),
-            gpu=config.scaling.gpu_type,
-            quantization=config.model.quantization,
-            lora_rank=config.model.lora.rank,
-            lora_targets=config.model.lora.targets,
-            frames_per_clip=spec["frames_per_clip"],
-            frame_height=int(height),
-            frame_width=int(width),
-            micro_batch=config.optim.micro_batch,
-            global_batch=config.optim.micro_batch * config.optim.grad_accum * config.scaling.num_workers,
-            num_gpus=config.scaling.num_workers,
-            gradient_checkpointing=config.model.gradient_checkpointing,
-            optimizer=config.optim.optimizer,
-            zero_stage=config.scaling.zero_stage,
-        )
-    )
+    side = int(spec["max_pixels"] ** 0.5)
+    model = resolve_model_source(config.model.name)
+    plan = plan_memory(config.plan_inputs(model, spec["frames_per_clip"], side, side, config.optim.micro_batch))
     if not plan.fits:
         raise SystemExit(f"refusing to start: the plan does not fit on {config.scaling.gpu_type}\n{format_plan(plan)}")
     return plan.to_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opsvlm.model.build import ModelConfig, check_zero_compat
+from opsvlm.model.plan import PlanInputs
 from opsvlm.types import OPTIMIZERS
 
 __all__ = ["DataSettings", "OptimSettings", "ScalingSettings", "TrackingSettings", "TrainConfig"]
@@ -199,3 +200,32 @@ class TrainConfig:
                 "model.fp32_modules cannot be kept in fp32 under DeepSpeed fp16 (it casts the whole model to fp16 and "
                 "scales the loss itself): set model.fp32_modules=[] or use scaling.zero_stage=0 (DDP + GradScaler)"
             )
+
+    def plan_inputs(
+        self, model: str, frames_per_clip: int, frame_height: int, frame_width: int, micro_batch: int | None
+    ) -> PlanInputs:
+        """What the memory planner needs to judge this run on ``scaling.gpu_type``.
+
+        Args:
+            model: The model source the planner reads (a hub id or a local directory: ``model.name`` resolved).
+            frames_per_clip: Frames per clip of the training data.
+            frame_height: Frame height after sampling, pixels.
+            frame_width: Frame width after sampling, pixels.
+            micro_batch: The micro-batch to evaluate; ``None`` lets the planner choose one for the global batch.
+        """
+        return PlanInputs(
+            model=model,
+            gpu=self.scaling.gpu_type,
+            quantization=self.model.quantization,
+            lora_rank=self.model.lora.rank,
+            lora_targets=self.model.lora.targets,
+            frames_per_clip=frames_per_clip,
+            frame_height=frame_height,
+            frame_width=frame_width,
+            micro_batch=micro_batch,
+            global_batch=self.optim.micro_batch * self.optim.grad_accum * self.scaling.num_workers,
+            num_gpus=self.scaling.num_workers,
+            gradient_checkpointing=self.model.gradient_checkpointing,
+            optimizer=self.optim.optimizer,
+            zero_stage=self.scaling.zero_stage,
+        )
